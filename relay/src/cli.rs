@@ -1,0 +1,514 @@
+//! Command line of `outbox-relay`: every flag is also an environment variable. Bad settings exit with
+//! code 2 and one line naming the flag and its variable.
+
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use chrono::{DateTime, Utc};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use outbox::SchemaName;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use tokio_util::sync::CancellationToken;
+
+use crate::coordinator::{Competing, Coordinator, SingleLock};
+use crate::health::Health;
+use crate::metrics::Metrics;
+use crate::plan::{PoisonPolicy, RetryPolicy};
+use crate::producer::{KafkaSettings, Partitioning, Producer};
+use crate::relay::{wait_for_broker, wait_for_database, Relay, RelayConfig};
+use crate::store::{idle_in_transaction_timeout, Retention};
+use crate::tools::{self, DeadSelector, ReplayFilter};
+
+/// `outbox-relay`: moves committed outbox events from PostgreSQL to Kafka.
+#[derive(Debug, Parser)]
+#[command(name = "outbox-relay", version, about)]
+pub struct Cli {
+    #[command(flatten)]
+    db: DbArgs,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct DbArgs {
+    /// PostgreSQL URL of the database holding the outbox.
+    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    database_url: Option<String>,
+    /// Outbox schema.
+    #[arg(long, env = "OUTBOX_SCHEMA", default_value = outbox::DEFAULT_SCHEMA, global = true)]
+    schema: String,
+}
+
+#[derive(Debug, Args)]
+struct KafkaArgs {
+    /// Kafka bootstrap servers, `host:port[,host:port...]`.
+    #[arg(long, env = "KAFKA_BOOTSTRAP")]
+    brokers: String,
+    /// Extra librdkafka properties `key=value` (SASL, TLS...), repeatable or comma-separated.
+    #[arg(long = "kafka-config", env = "RELAY_KAFKA_CONFIG", value_delimiter = ',')]
+    kafka_config: Vec<String>,
+    /// How long a record may wait for its acknowledgment before the attempt fails.
+    #[arg(long, env = "RELAY_DELIVERY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    delivery_timeout: Duration,
+    /// Producer linger.
+    #[arg(long, env = "RELAY_LINGER", default_value = "5ms", value_parser = humantime::parse_duration)]
+    linger: Duration,
+    /// Largest record the producer sends; larger events are dead-lettered before sending.
+    #[arg(long, env = "RELAY_MAX_MESSAGE_BYTES", default_value_t = 1_000_000)]
+    max_message_bytes: usize,
+    /// Partition assignment.
+    #[arg(long, env = "RELAY_PARTITIONING", value_enum, default_value = "key")]
+    partitioning: Partitioning,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the relay loop.
+    Run(Box<RunArgs>),
+    /// Apply the outbox schema migrations and exit.
+    Migrate {
+        /// Install (true) or remove (false) the NOTIFY trigger that wakes relays on insert.
+        #[arg(long, env = "RELAY_NOTIFY", default_value_t = true, action = clap::ArgAction::Set)]
+        notify_trigger: bool,
+    },
+    /// Re-publish archived events.
+    Replay(ReplayArgs),
+    /// Inspect and redrive dead-lettered events.
+    #[command(subcommand)]
+    Dead(DeadCommand),
+}
+
+/// How relays coordinate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Coordination {
+    /// One publisher per outbox (PostgreSQL advisory lock); others wait.
+    Single,
+    /// Several publishers share the work; no ordering across their batches.
+    Competing,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RetentionMode {
+    Delete,
+    Archive,
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Events claimed per transaction.
+    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=50_000))]
+    batch_size: i64,
+    /// Poll interval when the outbox is drained.
+    #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    poll_interval: Duration,
+    /// LISTEN for inserts (needs the trigger, see `migrate --notify-trigger`).
+    #[arg(long, env = "RELAY_NOTIFY", default_value_t = true, action = clap::ArgAction::Set)]
+    notify: bool,
+    /// Attempts before an event is dead-lettered.
+    #[arg(long, env = "RELAY_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..))]
+    max_attempts: i32,
+    /// First retry delay; doubles per attempt, with jitter.
+    #[arg(long, env = "RELAY_BACKOFF_BASE", default_value = "500ms", value_parser = humantime::parse_duration)]
+    backoff_base: Duration,
+    /// Retry delay ceiling.
+    #[arg(long, env = "RELAY_BACKOFF_MAX", default_value = "5m", value_parser = humantime::parse_duration)]
+    backoff_max: Duration,
+    /// What later events of a dead-lettered event's key do.
+    #[arg(long, env = "RELAY_POISON", value_enum, default_value = "park-key")]
+    poison: PoisonPolicy,
+    /// Also publish dead events to `<topic>.dlq`.
+    #[arg(long, env = "RELAY_DLQ", default_value_t = false, action = clap::ArgAction::Set)]
+    dlq: bool,
+    /// Delete delivered rows, or move them to the archive.
+    #[arg(long, env = "RELAY_RETENTION", value_enum, default_value = "delete")]
+    retention: RetentionMode,
+    /// Days archived events are kept (whole day partitions are dropped).
+    #[arg(long, env = "RELAY_ARCHIVE_TTL_DAYS", default_value_t = 7)]
+    archive_ttl_days: u32,
+    /// Coordination mode.
+    #[arg(long, env = "RELAY_COORDINATION", value_enum, default_value = "single")]
+    coordination: Coordination,
+    /// Fencing scope shared by the relays of one outbox.
+    #[arg(long, env = "RELAY_FENCE_SCOPE", default_value = "default")]
+    fence_scope: String,
+    /// How often a standby retries the advisory lock.
+    #[arg(long, env = "RELAY_LOCK_RETRY", default_value = "2s", value_parser = humantime::parse_duration)]
+    lock_retry: Duration,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "RELAY_HTTP_ADDR", default_value = "0.0.0.0:9090")]
+    http_addr: SocketAddr,
+    /// Apply migrations at startup.
+    #[arg(long, env = "RELAY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
+    migrate: bool,
+    /// Name of this instance in logs and the fence table.
+    #[arg(long, env = "POD_NAME")]
+    instance_id: Option<String>,
+}
+
+#[derive(Debug, Args)]
+struct ReplayArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// Events created at or after (RFC 3339).
+    #[arg(long)]
+    since: DateTime<Utc>,
+    /// Events created before (RFC 3339); default now.
+    #[arg(long)]
+    until: Option<DateTime<Utc>>,
+    /// Only this key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Only events of this topic.
+    #[arg(long)]
+    topic: Option<String>,
+    /// Publish to this topic instead of the original one.
+    #[arg(long)]
+    to_topic: Option<String>,
+    /// Count what would be replayed; produce nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Debug, Args)]
+struct Selector {
+    /// One event.
+    #[arg(long)]
+    event_id: Option<uuid::Uuid>,
+    /// Events of one key.
+    #[arg(long)]
+    key: Option<String>,
+    /// Events of one topic.
+    #[arg(long)]
+    topic: Option<String>,
+}
+
+impl Selector {
+    fn to_selector(&self) -> DeadSelector {
+        DeadSelector { event_id: self.event_id, key: self.key.clone(), topic: self.topic.clone() }
+    }
+    fn is_empty(&self) -> bool {
+        self.event_id.is_none() && self.key.is_none() && self.topic.is_none()
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum DeadCommand {
+    /// List dead events.
+    List {
+        #[command(flatten)]
+        sel: Selector,
+        /// At most this many rows.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+        /// JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Move dead events back to the outbox (original ids, attempts reset); their keys unpark.
+    Redrive {
+        #[command(flatten)]
+        sel: Selector,
+        /// Every dead event.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Delete dead events for good; their keys unpark.
+    Discard {
+        #[command(flatten)]
+        sel: Selector,
+        /// Every dead event.
+        #[arg(long)]
+        all: bool,
+    },
+}
+
+/// A setting that cannot work: reported as one line, exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {flag} ({env}): {reason}")]
+pub struct ConfigError {
+    flag: &'static str,
+    env: &'static str,
+    reason: String,
+}
+
+fn config_error(flag: &'static str, env: &'static str, reason: impl ToString) -> anyhow::Error {
+    ConfigError { flag, env, reason: reason.to_string() }.into()
+}
+
+fn db_options(db: &DbArgs) -> anyhow::Result<(PgConnectOptions, SchemaName)> {
+    let url = db.database_url.as_deref().ok_or_else(|| config_error("--database-url", "DATABASE_URL", "is required"))?;
+    let opts = PgConnectOptions::from_str(url).map_err(|e| config_error("--database-url", "DATABASE_URL", e))?;
+    let schema = SchemaName::new(&db.schema).map_err(|e| config_error("--schema", "OUTBOX_SCHEMA", e.reason))?;
+    Ok((opts, schema))
+}
+
+/// Validates broker and extra-property settings (pure; exposed for tests).
+pub fn parse_kafka(brokers: &str, extra: &[String]) -> anyhow::Result<Vec<(String, String)>> {
+    if brokers.trim().is_empty() {
+        return Err(config_error("--brokers", "KAFKA_BOOTSTRAP", "is empty"));
+    }
+    for b in brokers.split(',') {
+        let port = b.trim().rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+        if !matches!(port, Some(Ok(p)) if p > 0) {
+            return Err(config_error("--brokers", "KAFKA_BOOTSTRAP", format!("`{b}` is not host:port")));
+        }
+    }
+    extra
+        .iter()
+        .filter(|kv| !kv.trim().is_empty())
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| config_error("--kafka-config", "RELAY_KAFKA_CONFIG", format!("`{kv}` is not key=value")))
+        })
+        .collect()
+}
+
+fn kafka_settings(k: &KafkaArgs) -> anyhow::Result<KafkaSettings> {
+    Ok(KafkaSettings {
+        extra: parse_kafka(&k.brokers, &k.kafka_config)?,
+        brokers: k.brokers.clone(),
+        delivery_timeout: k.delivery_timeout,
+        linger: k.linger,
+        max_message_bytes: k.max_message_bytes,
+        partitioning: k.partitioning,
+    })
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Entry point of the binary. Returns the process exit code.
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match rt.block_on(dispatch(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("outbox-relay: {e}");
+            std::process::ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("outbox-relay: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancelled on SIGTERM or SIGINT.
+fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutdown requested: finishing the in-flight batch");
+        t.cancel();
+    });
+    token
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    let (opts, schema) = db_options(&cli.db)?;
+    match cli.command {
+        Command::Run(args) => run(*args, opts, schema).await,
+        Command::Migrate { notify_trigger } => {
+            let pool = PgPoolOptions::new().max_connections(1).connect_with(opts).await.context("connect")?;
+            outbox::migrate(&pool, schema.as_str()).await?;
+            if notify_trigger {
+                outbox::install_notify_trigger(&pool, &schema).await?;
+            } else {
+                outbox::remove_notify_trigger(&pool, &schema).await?;
+            }
+            println!("schema `{schema}` is up to date (notify trigger: {})", if notify_trigger { "on" } else { "off" });
+            Ok(())
+        }
+        Command::Replay(args) => replay(args, opts, schema).await,
+        Command::Dead(cmd) => dead(cmd, opts, schema).await,
+    }
+}
+
+async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyhow::Result<()> {
+    let kafka = kafka_settings(&args.kafka)?;
+    if args.backoff_base > args.backoff_max {
+        return Err(config_error("--backoff-base", "RELAY_BACKOFF_BASE", "must not exceed --backoff-max"));
+    }
+    let instance = args.instance_id.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "relay".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let shutdown = shutdown_signal();
+    let health = Arc::new(Health::default());
+    let metrics = Arc::new(Metrics::new());
+    let addr = crate::http::serve(
+        args.http_addr,
+        crate::http::Surfaces { health: health.clone(), metrics: metrics.clone() },
+        shutdown.clone(),
+    )
+    .await
+    .map_err(|e| config_error("--http-addr", "RELAY_HTTP_ADDR", e))?;
+    tracing::info!(instance = %instance, "outbox-relay serving /healthz /readyz /metrics on http://{addr}");
+
+    let session_opts = opts.clone().options([(
+        "idle_in_transaction_session_timeout",
+        format!("{}ms", idle_in_transaction_timeout(kafka.delivery_timeout).as_millis()),
+    )]);
+    let pool = PgPoolOptions::new().max_connections(4).connect_lazy_with(session_opts);
+    if !wait_for_database(&pool, &shutdown).await {
+        return Ok(());
+    }
+    if args.migrate {
+        outbox::migrate(&pool, schema.as_str()).await?;
+        if args.notify {
+            outbox::install_notify_trigger(&pool, &schema).await?;
+        }
+    }
+    let producer = Producer::new(kafka, health.clone()).map_err(|e| config_error("--kafka-config", "RELAY_KAFKA_CONFIG", e))?;
+    if !wait_for_broker(&producer, &shutdown).await {
+        return Ok(());
+    }
+    let cfg = RelayConfig {
+        schema: schema.clone(),
+        batch_size: args.batch_size,
+        poll_interval: args.poll_interval,
+        notify: args.notify,
+        retry: RetryPolicy {
+            max_attempts: args.max_attempts,
+            backoff_base: args.backoff_base,
+            backoff_max: args.backoff_max,
+            poison: args.poison,
+        },
+        dlq: args.dlq,
+        retention: match args.retention {
+            RetentionMode::Delete => Retention::Delete,
+            RetentionMode::Archive => Retention::Archive { ttl_days: args.archive_ttl_days },
+        },
+        fence_scope: args.fence_scope.clone(),
+        max_message_bytes: args.kafka.max_message_bytes,
+    };
+    let relay = Arc::new(Relay::new(cfg, pool.clone(), producer, metrics, health.clone()));
+    relay.spawn_monitors(shutdown.clone());
+    let mut coordinator: Box<dyn Coordinator> = match args.coordination {
+        Coordination::Single => Box::new(
+            SingleLock::new(opts, pool, relay.store().clone(), args.fence_scope, instance, health).with_retry(args.lock_retry),
+        ),
+        Coordination::Competing => Box::new(Competing),
+    };
+    relay.run(coordinator.as_mut(), shutdown).await?;
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn replay(args: ReplayArgs, opts: PgConnectOptions, schema: SchemaName) -> anyhow::Result<()> {
+    let kafka = kafka_settings(&args.kafka)?;
+    let filter = ReplayFilter { since: args.since, until: args.until.unwrap_or_else(Utc::now), key: args.key, topic: args.topic };
+    if filter.since >= filter.until {
+        return Err(config_error("--since", "-", "must be before --until"));
+    }
+    let pool = PgPoolOptions::new().max_connections(2).connect_with(opts).await.context("connect to the database")?;
+    let total = tools::replay_count(&pool, &schema, &filter).await?;
+    if args.dry_run {
+        println!("dry run: {total} archived events match; nothing produced");
+        return Ok(());
+    }
+    let producer = Producer::new(kafka, Arc::new(Health::default())).map_err(|e| config_error("--kafka-config", "RELAY_KAFKA_CONFIG", e))?;
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events ({per_sec}, eta {eta})").expect("static template"),
+    );
+    let report = tools::replay(&pool, &schema, &filter, args.to_topic.as_deref(), &producer, |n| bar.set_position(n)).await?;
+    bar.finish();
+    println!("replayed {} events, {} failed", report.sent, report.failed);
+    if report.failed > 0 {
+        anyhow::bail!("{} events could not be replayed", report.failed);
+    }
+    Ok(())
+}
+
+async fn dead(cmd: DeadCommand, opts: PgConnectOptions, schema: SchemaName) -> anyhow::Result<()> {
+    let pool = PgPoolOptions::new().max_connections(1).connect_with(opts).await.context("connect to the database")?;
+    match cmd {
+        DeadCommand::List { sel, limit, json } => {
+            let rows = tools::dead_list(&pool, &schema, &sel.to_selector(), limit).await?;
+            if json {
+                for r in &rows {
+                    println!("{}", serde_json::to_string(r)?);
+                }
+            } else {
+                println!("{:<36}  {:<20}  {:<16}  {:<13}  {:>8}  {:<6}  error", "event_id", "topic", "key", "reason", "attempts", "parked");
+                for r in &rows {
+                    let err: String = r.error.chars().take(80).collect();
+                    println!(
+                        "{:<36}  {:<20}  {:<16}  {:<13}  {:>8}  {:<6}  {err}",
+                        r.event_id, r.topic, r.key, r.reason, r.attempts, r.parked
+                    );
+                }
+            }
+        }
+        DeadCommand::Redrive { sel, all } | DeadCommand::Discard { sel, all } if sel.is_empty() && !all => {
+            return Err(config_error("--event-id/--key/--topic", "-", "name the events, or pass --all"));
+        }
+        DeadCommand::Redrive { sel, .. } => {
+            let n = tools::dead_redrive(&pool, &schema, &sel.to_selector()).await?;
+            println!("redrove {n} events");
+        }
+        DeadCommand::Discard { sel, .. } => {
+            let n = tools::dead_discard(&pool, &schema, &sel.to_selector()).await?;
+            println!("discarded {n} events");
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kafka_settings_are_checked() {
+        assert!(parse_kafka("127.0.0.1:9092,b:1", &[]).is_ok());
+        let e = parse_kafka("localhost", &[]).unwrap_err().to_string();
+        assert_eq!(e, "invalid --brokers (KAFKA_BOOTSTRAP): `localhost` is not host:port");
+        let e = parse_kafka("a:1", &["sasl.mechanism".into()]).unwrap_err().to_string();
+        assert!(e.starts_with("invalid --kafka-config (RELAY_KAFKA_CONFIG)"), "{e}");
+        assert_eq!(parse_kafka("a:1", &["a=b".into()]).unwrap(), vec![("a".into(), "b".into())]);
+    }
+
+    #[test]
+    fn cli_parses_and_has_env_for_every_run_flag() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+        let cmd = Cli::command();
+        let run = cmd.find_subcommand("run").unwrap();
+        for arg in run.get_arguments() {
+            let id = arg.get_id().as_str();
+            if id != "help" && id != "version" {
+                assert!(arg.get_env().is_some(), "run flag --{id} has no environment variable");
+            }
+        }
+    }
+}

@@ -1,0 +1,93 @@
+//! Liveness and readiness state shared by the loop, the monitors and the HTTP server.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+
+use serde::Serialize;
+
+/// What the relay is doing with respect to coordination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Starting up (connecting, migrating).
+    Starting,
+    /// Waiting for the right to publish; the text says why.
+    Standby(String),
+    /// Publishing.
+    Active,
+}
+
+/// Shared health flags.
+#[derive(Debug)]
+pub struct Health {
+    database_up: AtomicBool,
+    broker_up: AtomicBool,
+    role: Mutex<Role>,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Self { database_up: AtomicBool::new(false), broker_up: AtomicBool::new(false), role: Mutex::new(Role::Starting) }
+    }
+}
+
+/// The `/readyz` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Readiness {
+    /// True when the relay publishes: database and broker up, and active.
+    pub ready: bool,
+    /// Database reachable.
+    pub database: bool,
+    /// Broker reachable.
+    pub broker: bool,
+    /// Coordination role.
+    pub role: Role,
+}
+
+impl Health {
+    /// Records the database's state.
+    pub fn set_database(&self, up: bool) {
+        self.database_up.store(up, Ordering::Relaxed);
+    }
+
+    /// Records the broker's state.
+    pub fn set_broker(&self, up: bool) {
+        self.broker_up.store(up, Ordering::Relaxed);
+    }
+
+    /// Records the coordination role.
+    pub fn set_role(&self, role: Role) {
+        *self.role.lock().unwrap() = role;
+    }
+
+    /// The current readiness.
+    pub fn readiness(&self) -> Readiness {
+        let database = self.database_up.load(Ordering::Relaxed);
+        let broker = self.broker_up.load(Ordering::Relaxed);
+        let role = self.role.lock().unwrap().clone();
+        Readiness { ready: database && broker && role == Role::Active, database, broker, role }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ready_only_when_everything_is_up_and_active() {
+        let h = Health::default();
+        assert!(!h.readiness().ready);
+        h.set_database(true);
+        h.set_broker(true);
+        assert!(!h.readiness().ready, "starting is not ready");
+        h.set_role(Role::Active);
+        assert!(h.readiness().ready);
+        h.set_broker(false);
+        assert!(!h.readiness().ready);
+        h.set_broker(true);
+        h.set_role(Role::Standby("lock held by pid 7".into()));
+        let r = h.readiness();
+        assert!(!r.ready);
+        assert_eq!(serde_json::to_value(&r).unwrap()["role"]["standby"], "lock held by pid 7");
+    }
+}

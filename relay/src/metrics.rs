@@ -1,0 +1,140 @@
+//! Prometheus metrics of the relay.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+use crate::store::Backlog;
+
+/// Label for counts broken down by reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    /// Short machine-readable reason.
+    pub reason: String,
+}
+
+impl Reason {
+    /// Label value `reason`.
+    pub fn of(reason: impl Into<String>) -> Self {
+        Self { reason: reason.into() }
+    }
+}
+
+/// Every metric the relay exports.
+pub struct Metrics {
+    /// The registry rendered on `/metrics`.
+    pub registry: Registry,
+    /// Pending events in `outbox.events`.
+    pub pending: Gauge,
+    /// Age of the oldest pending event.
+    pub oldest_pending_age_seconds: Gauge<f64, AtomicU64>,
+    /// Pending events that failed at least once (backoff or due again).
+    pub retrying: Gauge,
+    /// Rows in `outbox.dead`.
+    pub dead_rows: Gauge,
+    /// Events acknowledged by Kafka.
+    pub published: Counter,
+    /// Failed deliveries by reason.
+    pub failures: Family<Reason, Counter>,
+    /// Retries scheduled (attempts+1 with backoff).
+    pub retries: Counter,
+    /// Events moved to `outbox.dead`, by reason.
+    pub dead: Family<Reason, Counter>,
+    /// Events published to a DLQ topic.
+    pub dlq_published: Counter,
+    /// Events per claimed batch.
+    pub batch_size: Histogram,
+    /// Time from `created_at` to the delivery report.
+    pub commit_to_ack_seconds: Histogram,
+    /// Batches that failed as a whole (database or fencing), by reason.
+    pub batch_errors: Family<Reason, Counter>,
+    /// Events acknowledged after an earlier event of their key failed in the same batch.
+    pub order_violations: Counter,
+    /// 1 while this relay holds the right to publish.
+    pub active: Gauge,
+    /// 1 while the database answers.
+    pub database_up: Gauge,
+    /// 1 while the broker answers.
+    pub broker_up: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    /// Creates and registers all metrics under the `outbox_relay` prefix.
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("outbox_relay");
+        let m = Self {
+            pending: Gauge::default(),
+            oldest_pending_age_seconds: Gauge::default(),
+            retrying: Gauge::default(),
+            dead_rows: Gauge::default(),
+            published: Counter::default(),
+            failures: Family::default(),
+            retries: Counter::default(),
+            dead: Family::default(),
+            dlq_published: Counter::default(),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
+            commit_to_ack_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
+            batch_errors: Family::default(),
+            order_violations: Counter::default(),
+            active: Gauge::default(),
+            database_up: Gauge::default(),
+            broker_up: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register("pending_events", "Pending events in the outbox", m.pending.clone());
+        registry.register(
+            "oldest_pending_age_seconds",
+            "Age of the oldest pending event",
+            m.oldest_pending_age_seconds.clone(),
+        );
+        registry.register("retrying_events", "Pending events that failed at least once", m.retrying.clone());
+        registry.register("dead_events", "Rows in the dead table", m.dead_rows.clone());
+        registry.register("published", "Events acknowledged by Kafka", m.published.clone());
+        registry.register("delivery_failures", "Failed deliveries by reason", m.failures.clone());
+        registry.register("retries", "Retries scheduled with backoff", m.retries.clone());
+        registry.register("dead_lettered", "Events moved to the dead table, by reason", m.dead.clone());
+        registry.register("dlq_published", "Dead events published to a DLQ topic", m.dlq_published.clone());
+        registry.register("batch_size", "Events per claimed batch", m.batch_size.clone());
+        registry.register(
+            "commit_to_ack_seconds",
+            "Time from the event's created_at to its delivery report",
+            m.commit_to_ack_seconds.clone(),
+        );
+        registry.register("batch_errors", "Batches that failed as a whole, by reason", m.batch_errors.clone());
+        registry.register(
+            "order_violations",
+            "Events acknowledged after an earlier event of their key failed",
+            m.order_violations.clone(),
+        );
+        registry.register("active", "1 while this relay may publish", m.active.clone());
+        registry.register("database_up", "1 while the database answers", m.database_up.clone());
+        registry.register("broker_up", "1 while the Kafka broker answers", m.broker_up.clone());
+        Self { registry, ..m }
+    }
+
+    /// Sets the backlog gauges.
+    pub fn set_backlog(&self, b: &Backlog) {
+        self.pending.set(b.pending);
+        self.oldest_pending_age_seconds.set(b.oldest_age_seconds);
+        self.retrying.set(b.retrying);
+        self.dead_rows.set(b.dead);
+    }
+
+    /// Renders the Prometheus text format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,305 @@
+//! The idempotent Kafka producer: builds records from claimed events, sends a batch and collects every
+//! delivery report.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use rdkafka::config::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::ClientContext;
+
+use crate::event::ClaimedEvent;
+use crate::health::Health;
+use crate::plan::{DeadReason, Delivery};
+
+/// How records are assigned to partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Partitioning {
+    /// By record key, murmur2 as the Java client does (librdkafka `murmur2_random`). Keeps per-key order.
+    Key,
+    /// Partitions in turn, ignoring the key. No per-key order across partitions.
+    RoundRobin,
+    /// By murmur2 of the event type: all events of a type share a partition.
+    EventType,
+}
+
+/// Producer settings.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Extra librdkafka properties (SASL, TLS, ...), applied last.
+    pub extra: Vec<(String, String)>,
+    /// `message.timeout.ms`: how long a record may wait for its acknowledgment.
+    pub delivery_timeout: Duration,
+    /// `linger.ms`.
+    pub linger: Duration,
+    /// `message.max.bytes`, also used to dead-letter oversized events before sending.
+    pub max_message_bytes: usize,
+    /// Partition assignment.
+    pub partitioning: Partitioning,
+}
+
+impl KafkaSettings {
+    /// The librdkafka configuration of the relay's producer.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("partitioner", "murmur2_random")
+            .set("message.timeout.ms", self.delivery_timeout.as_millis().to_string())
+            .set("linger.ms", self.linger.as_millis().to_string())
+            .set("message.max.bytes", self.max_message_bytes.to_string())
+            .set("queue.buffering.max.messages", "200000");
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        c
+    }
+}
+
+/// Reports broker-wide trouble into the health state.
+pub struct RelayContext {
+    health: Arc<Health>,
+}
+
+impl ClientContext for RelayContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.health.set_broker(false);
+        }
+        tracing::warn!(%error, reason, "kafka client error");
+    }
+}
+
+/// Sorts a delivery error into a metrics label and, when retrying cannot help, a dead-letter reason.
+pub fn classify(err: &KafkaError) -> (String, Option<DeadReason>) {
+    use RDKafkaErrorCode as C;
+    let Some(code) = err.rdkafka_error_code() else { return ("client".into(), None) };
+    let permanent = match code {
+        C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidRecord => Some(DeadReason::TooLarge),
+        C::InvalidTopic => Some(DeadReason::InvalidTopic),
+        C::InvalidMessage | C::UnsupportedForMessageFormat => Some(DeadReason::Rejected),
+        _ => None,
+    };
+    (format!("{code:?}"), permanent)
+}
+
+/// The relay's producer.
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer<RelayContext>,
+    settings: KafkaSettings,
+    round_robin: Arc<AtomicU32>,
+    partition_counts: Arc<Mutex<HashMap<String, (i32, Instant)>>>,
+}
+
+/// A delivery outcome and when it was known.
+pub type Outcome = (Delivery, DateTime<Utc>);
+
+impl Producer {
+    /// Creates the producer (no network IO yet).
+    pub fn new(settings: KafkaSettings, health: Arc<Health>) -> Result<Self, KafkaError> {
+        let inner = settings.client_config().create_with_context(RelayContext { health })?;
+        Ok(Self {
+            inner,
+            settings,
+            round_robin: Arc::default(),
+            partition_counts: Arc::default(),
+        })
+    }
+
+    /// Whether a broker answers a metadata request within `timeout`.
+    pub async fn probe(&self, timeout: Duration) -> Result<(), KafkaError> {
+        let p = self.inner.clone();
+        tokio::task::spawn_blocking(move || p.client().fetch_metadata(None, timeout).map(|_| ()))
+            .await
+            .expect("metadata probe panicked")
+    }
+
+    /// Partition count of `topic`, cached for a minute; `None` when unknown.
+    async fn partitions(&self, topic: &str) -> Option<i32> {
+        if let Some((n, at)) = self.partition_counts.lock().unwrap().get(topic) {
+            if at.elapsed() < Duration::from_secs(60) {
+                return Some(*n);
+            }
+        }
+        let p = self.inner.clone();
+        let t = topic.to_owned();
+        let n = tokio::task::spawn_blocking(move || {
+            let md = p.client().fetch_metadata(Some(&t), Duration::from_secs(5)).ok()?;
+            let n = md.topics().first().map(|t| t.partitions().len() as i32)?;
+            (n > 0).then_some(n)
+        })
+        .await
+        .ok()
+        .flatten()?;
+        self.partition_counts.lock().unwrap().insert(topic.to_owned(), (n, Instant::now()));
+        Some(n)
+    }
+
+    async fn explicit_partition(&self, ev: &ClaimedEvent) -> Option<i32> {
+        match self.settings.partitioning {
+            Partitioning::Key => None,
+            Partitioning::RoundRobin => {
+                let n = self.partitions(&ev.topic).await?;
+                Some((self.round_robin.fetch_add(1, Ordering::Relaxed) % n as u32) as i32)
+            }
+            Partitioning::EventType => {
+                let n = self.partitions(&ev.topic).await?;
+                let basis = ev.event_type.as_deref().unwrap_or(&ev.key);
+                Some(java_partition(basis.as_bytes(), n))
+            }
+        }
+    }
+
+    /// Sends every event whose slot is `None`, then awaits all delivery reports. Returns one outcome per
+    /// event: pre-decided slots are passed through.
+    pub async fn send_all(&self, batch: &[ClaimedEvent], slots: Vec<Option<Delivery>>) -> Vec<Outcome> {
+        let mut pending = Vec::with_capacity(batch.len());
+        for (ev, slot) in batch.iter().zip(slots) {
+            if let Some(decided) = slot {
+                pending.push(Err(decided));
+                continue;
+            }
+            let partition = self.explicit_partition(ev).await;
+            pending.push(self.enqueue(&ev.topic, ev, partition, &ev.payload, &ev.kafka_headers()).await);
+        }
+        let waits = pending.into_iter().map(|p| async move {
+            let delivery = match p {
+                Err(decided) => decided,
+                Ok(fut) => match fut.await {
+                    Ok(Ok(d)) => Delivery::Acked { partition: d.partition, offset: d.offset },
+                    Ok(Err((e, _))) => failed(&e),
+                    Err(_) => dropped_report(),
+                },
+            };
+            (delivery, Utc::now())
+        });
+        futures::future::join_all(waits).await
+    }
+
+    /// Enqueues one record, waiting while the local queue is full.
+    async fn enqueue(
+        &self,
+        topic: &str,
+        ev: &ClaimedEvent,
+        partition: Option<i32>,
+        payload: &[u8],
+        headers: &[(String, String)],
+    ) -> Result<rdkafka::producer::DeliveryFuture, Delivery> {
+        let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len());
+        for (k, v) in headers {
+            kafka_headers = kafka_headers.insert(Header { key: k, value: Some(v.as_bytes()) });
+        }
+        let mut record = FutureRecord::to(topic)
+            .key(ev.key.as_bytes())
+            .payload(payload)
+            .headers(kafka_headers)
+            .timestamp(ev.created_at.timestamp_millis());
+        record.partition = partition;
+        loop {
+            match self.inner.send_result(record) {
+                Ok(fut) => return Ok(fut),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    record = r;
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                Err((e, _)) => return Err(failed(&e)),
+            }
+        }
+    }
+
+    /// Publishes a dead event to `<topic>.dlq` with error headers; the payload is left out when it was
+    /// the reason (too large).
+    pub async fn send_dlq(&self, ev: &ClaimedEvent, reason: DeadReason, error: &str) -> Result<(), String> {
+        let topic = format!("{}.dlq", ev.topic);
+        outbox::validate::topic(&topic).map_err(|e| e.to_string())?;
+        let mut headers = ev.kafka_headers();
+        headers.push(("outbox.reason".into(), reason.as_str().into()));
+        headers.push(("outbox.error".into(), error.into()));
+        headers.push(("outbox.attempts".into(), (ev.attempts + 1).to_string()));
+        headers.push(("outbox.original_topic".into(), ev.topic.clone()));
+        let payload: &[u8] = if reason == DeadReason::TooLarge { &[] } else { &ev.payload };
+        match self.enqueue(&topic, ev, None, payload, &headers).await {
+            Ok(fut) => match fut.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err((e, _))) => Err(e.to_string()),
+                Err(_) => Err("delivery report dropped".into()),
+            },
+            Err(Delivery::Failed { error, .. }) => Err(error),
+            Err(other) => Err(format!("{other:?}")),
+        }
+    }
+
+    /// Sends a record to an arbitrary topic (replay), keeping key, headers and timestamp.
+    pub async fn send_to(&self, topic: &str, ev: &ClaimedEvent, extra: &[(String, String)]) -> Delivery {
+        let mut headers = ev.kafka_headers();
+        headers.extend_from_slice(extra);
+        match self.enqueue(topic, ev, None, &ev.payload, &headers).await {
+            Ok(fut) => match fut.await {
+                Ok(Ok(d)) => Delivery::Acked { partition: d.partition, offset: d.offset },
+                Ok(Err((e, _))) => failed(&e),
+                Err(_) => dropped_report(),
+            },
+            Err(d) => d,
+        }
+    }
+
+    /// Waits for outstanding records (shutdown).
+    pub fn flush(&self, timeout: Duration) {
+        let _ = self.inner.flush(timeout);
+    }
+}
+
+fn failed(e: &KafkaError) -> Delivery {
+    let (code, permanent) = classify(e);
+    Delivery::Failed { error: e.to_string(), code, permanent }
+}
+
+fn dropped_report() -> Delivery {
+    Delivery::Failed { error: "producer dropped the delivery report".into(), code: "dropped".into(), permanent: None }
+}
+
+/// The Java client's default partition for a key: `toPositive(murmur2(key)) % partitions`.
+pub fn java_partition(key: &[u8], partitions: i32) -> i32 {
+    let hash = murmur2::murmur2(key, murmur2::KAFKA_SEED) & 0x7fff_ffff;
+    (hash % partitions as u32) as i32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn murmur2_matches_the_java_client() {
+        // Vectors from Apache Kafka's UtilsTest (signed Java ints).
+        let cases: [(&[u8], i32); 5] = [
+            (b"21", -973932308),
+            (b"foobar", -790332482),
+            (b"a-little-bit-long-string", -985981536),
+            (b"a-little-bit-longer-string", -1486304829),
+            (b"abc", 479470107),
+        ];
+        for (key, want) in cases {
+            assert_eq!(murmur2::murmur2(key, murmur2::KAFKA_SEED) as i32, want, "{}", String::from_utf8_lossy(key));
+        }
+        assert_eq!(java_partition(b"21", 10), ((-973932308i32 as u32 & 0x7fff_ffff) % 10) as i32);
+    }
+
+    #[test]
+    fn errors_are_classified() {
+        let big = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
+        assert_eq!(classify(&big).1, Some(DeadReason::TooLarge));
+        let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
+        assert_eq!(classify(&timeout), ("MessageTimedOut".into(), None));
+        let topic = KafkaError::MessageProduction(RDKafkaErrorCode::InvalidTopic);
+        assert_eq!(classify(&topic).1, Some(DeadReason::InvalidTopic));
+    }
+}

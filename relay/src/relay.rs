@@ -1,0 +1,300 @@
+//! The claim → produce → settle loop, and the monitors that feed health and metrics.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use outbox::SchemaName;
+use sqlx::postgres::PgListener;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::coordinator::{Coordinator, Leadership};
+use crate::health::{Health, Role};
+use crate::metrics::{Metrics, Reason};
+use crate::plan::{self, RetryPolicy, Settle};
+use crate::producer::Producer;
+use crate::retention;
+use crate::store::{Retention, Store, StoreError};
+
+/// Settings of the publish loop.
+#[derive(Debug, Clone)]
+pub struct RelayConfig {
+    /// Outbox schema.
+    pub schema: SchemaName,
+    /// Events claimed per transaction.
+    pub batch_size: i64,
+    /// Wait between polls when the outbox is drained (a NOTIFY cuts it short).
+    pub poll_interval: Duration,
+    /// LISTEN for the insert trigger's NOTIFY.
+    pub notify: bool,
+    /// Retries, backoff, poison policy.
+    pub retry: RetryPolicy,
+    /// Publish dead events to `<topic>.dlq`.
+    pub dlq: bool,
+    /// Delete or archive delivered rows.
+    pub retention: Retention,
+    /// Fence scope (one per group of relays sharing an outbox).
+    pub fence_scope: String,
+    /// Producer `message.max.bytes`, checked before sending.
+    pub max_message_bytes: usize,
+}
+
+/// What one batch did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BatchReport {
+    /// Events claimed.
+    pub claimed: usize,
+    /// Events acknowledged and settled.
+    pub delivered: usize,
+    /// Events scheduled for retry.
+    pub retried: usize,
+    /// Events dead-lettered.
+    pub dead: usize,
+}
+
+/// A relay bound to a database and a producer.
+pub struct Relay {
+    cfg: RelayConfig,
+    pool: PgPool,
+    store: Store,
+    producer: Producer,
+    metrics: Arc<Metrics>,
+    health: Arc<Health>,
+}
+
+impl Relay {
+    /// Builds a relay; nothing runs until [`Relay::run`].
+    pub fn new(cfg: RelayConfig, pool: PgPool, producer: Producer, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+        let store = Store::new(cfg.schema.clone());
+        Self { cfg, pool, store, producer, metrics, health }
+    }
+
+    /// The SQL store (for tools and tests).
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// Publishes until `shutdown`: acquire leadership, loop over batches until it is lost, release, repeat.
+    /// On shutdown the in-flight batch is finished before returning.
+    pub async fn run(&self, coordinator: &mut dyn Coordinator, shutdown: CancellationToken) -> anyhow::Result<()> {
+        loop {
+            let Some(leadership) = coordinator.acquire(&shutdown).await? else { break };
+            self.health.set_role(Role::Active);
+            self.metrics.active.set(1);
+            self.maintain_archive().await;
+            self.publish_while(&leadership, &shutdown).await;
+            self.metrics.active.set(0);
+            self.health.set_role(Role::Standby("leadership released".into()));
+            coordinator.release().await;
+            if shutdown.is_cancelled() {
+                break;
+            }
+            tracing::warn!("leadership lost; standing by");
+        }
+        self.producer.flush(Duration::from_secs(10));
+        Ok(())
+    }
+
+    async fn maintain_archive(&self) {
+        if let Retention::Archive { ttl_days } = self.cfg.retention {
+            if let Err(e) = retention::maintain(&self.pool, &self.cfg.schema, ttl_days, None).await {
+                tracing::warn!("archive maintenance failed: {e}");
+            }
+        }
+    }
+
+    async fn publish_while(&self, leadership: &Leadership, shutdown: &CancellationToken) {
+        let mut listener = None;
+        let mut errors = 0u32;
+        let mut last_maintenance = Instant::now();
+        while !shutdown.is_cancelled() && !leadership.lost.is_cancelled() {
+            if self.cfg.notify && listener.is_none() {
+                listener = self.listen().await;
+            }
+            if last_maintenance.elapsed() > Duration::from_secs(3600) {
+                self.maintain_archive().await;
+                last_maintenance = Instant::now();
+            }
+            let wait = match self.run_batch(leadership.epoch).await {
+                Ok(r) => {
+                    errors = 0;
+                    if r.claimed as i64 >= self.cfg.batch_size {
+                        continue; // a full batch: more is likely waiting
+                    }
+                    self.cfg.poll_interval
+                }
+                Err(StoreError::Fenced(f)) => {
+                    tracing::error!("{f}; stopping publishing");
+                    self.metrics.batch_errors.get_or_create(&Reason::of("fenced")).inc();
+                    leadership.lost.cancel();
+                    return;
+                }
+                Err(StoreError::Db(e)) => {
+                    errors += 1;
+                    self.metrics.batch_errors.get_or_create(&Reason::of("database")).inc();
+                    let wait = Duration::from_millis(100 * 2u64.pow(errors.min(6))).min(Duration::from_secs(5));
+                    tracing::warn!("batch failed (database: {e}); retrying in {wait:?}");
+                    if is_missing_partition(&e) {
+                        self.maintain_archive().await;
+                    }
+                    wait
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = leadership.lost.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {}
+                woke = next_notification(&mut listener) => {
+                    if !woke {
+                        listener = None;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn listen(&self) -> Option<PgListener> {
+        let channel = outbox::notify_channel(&self.cfg.schema);
+        let mut l = PgListener::connect_with(&self.pool).await.ok()?;
+        l.listen(&channel).await.ok()?;
+        Some(l)
+    }
+
+    /// One claim → produce → settle transaction. Public so tests and benchmarks can drive it directly.
+    pub async fn run_batch(&self, epoch: Option<i64>) -> Result<BatchReport, StoreError> {
+        let mut tx = self.pool.begin().await?;
+        if let Some(epoch) = epoch {
+            self.store.check_fence(&mut tx, &self.cfg.fence_scope, epoch).await?;
+        }
+        let batch = self.store.claim(&mut tx, self.cfg.batch_size).await?;
+        if batch.is_empty() {
+            tx.commit().await?;
+            return Ok(BatchReport::default());
+        }
+        self.metrics.batch_size.observe(batch.len() as f64);
+        let slots = plan::prepare(&batch, self.cfg.max_message_bytes, self.cfg.retry.poison);
+        let outcomes = self.producer.send_all(&batch, slots).await;
+        let deliveries: Vec<_> = outcomes.iter().map(|(d, _)| d.clone()).collect();
+        let settle_plan = plan::settle(&batch, &deliveries, &self.cfg.retry, rand::random::<f64>);
+        let mut report = BatchReport { claimed: batch.len(), ..Default::default() };
+        for (ev, (delivery, at)) in batch.iter().zip(&outcomes) {
+            match delivery {
+                plan::Delivery::Acked { .. } => {
+                    let secs = (*at - ev.created_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                    self.metrics.commit_to_ack_seconds.observe(secs);
+                }
+                plan::Delivery::Failed { code, .. } => {
+                    self.metrics.failures.get_or_create(&Reason::of(code.clone())).inc();
+                }
+                plan::Delivery::Withheld => {}
+            }
+        }
+        for action in &settle_plan.actions {
+            match action {
+                Settle::Delivered { .. } => report.delivered += 1,
+                Settle::Retry { .. } => report.retried += 1,
+                Settle::Dead { id, reason, error, .. } => {
+                    report.dead += 1;
+                    let ev = batch.iter().find(|e| e.id == *id).expect("dead event is in the batch");
+                    tracing::warn!(event_id = %ev.event_id, topic = %ev.topic, key = %ev.key, reason = reason.as_str(), "dead-lettered: {error}");
+                    if self.cfg.dlq {
+                        match self.producer.send_dlq(ev, *reason, error).await {
+                            Ok(()) => {
+                                self.metrics.dlq_published.inc();
+                            }
+                            Err(e) => tracing::warn!(event_id = %ev.event_id, "DLQ publish failed (the dead row is kept): {e}"),
+                        };
+                    }
+                }
+            }
+        }
+        self.store.settle(&mut tx, &settle_plan.actions, self.cfg.retention).await?;
+        tx.commit().await?;
+        self.metrics.published.inc_by(report.delivered as u64);
+        self.metrics.retries.inc_by(report.retried as u64);
+        for action in &settle_plan.actions {
+            if let Settle::Dead { reason, .. } = action {
+                self.metrics.dead.get_or_create(&Reason::of(reason.as_str())).inc();
+            }
+        }
+        if settle_plan.order_violations > 0 {
+            tracing::error!(count = settle_plan.order_violations, "events acknowledged after an earlier event of their key failed");
+            self.metrics.order_violations.inc_by(settle_plan.order_violations as u64);
+        }
+        Ok(report)
+    }
+
+    /// Starts the background monitors: database and broker probes (readiness) and backlog gauges.
+    pub fn spawn_monitors(self: &Arc<Self>, shutdown: CancellationToken) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut last_backlog = Instant::now() - Duration::from_secs(60);
+            while !shutdown.is_cancelled() {
+                let db = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&me.pool)).await;
+                let db_up = matches!(db, Ok(Ok(_)));
+                me.health.set_database(db_up);
+                me.metrics.database_up.set(db_up as i64);
+                let broker_up = me.producer.probe(Duration::from_secs(2)).await.is_ok();
+                me.health.set_broker(broker_up);
+                me.metrics.broker_up.set(broker_up as i64);
+                if db_up && last_backlog.elapsed() >= Duration::from_secs(2) {
+                    if let Ok(b) = me.store.backlog(&me.pool).await {
+                        me.metrics.set_backlog(&b);
+                    }
+                    last_backlog = Instant::now();
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                }
+            }
+        });
+    }
+}
+
+/// Waits for a NOTIFY (draining any others already buffered). `false` when the listener is gone;
+/// never resolves when there is none, so the poll interval decides.
+async fn next_notification(listener: &mut Option<PgListener>) -> bool {
+    let Some(l) = listener else { return std::future::pending().await };
+    match l.recv().await {
+        Ok(_) => {
+            while l.next_buffered().is_some() {}
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+fn is_missing_partition(e: &sqlx::Error) -> bool {
+    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "23514")
+}
+
+/// Waits until the database answers, logging one line per failed attempt with growing backoff.
+/// `false` when `shutdown` fired first.
+pub async fn wait_for_database(pool: &PgPool, shutdown: &CancellationToken) -> bool {
+    retry_until("database", shutdown, || async { sqlx::query("SELECT 1").execute(pool).await.map(|_| ()) }).await
+}
+
+/// Waits until a broker answers, like [`wait_for_database`].
+pub async fn wait_for_broker(producer: &Producer, shutdown: &CancellationToken) -> bool {
+    retry_until("kafka", shutdown, || producer.probe(Duration::from_secs(3))).await
+}
+
+async fn retry_until<F, Fut, E>(what: &str, shutdown: &CancellationToken, mut attempt_once: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut attempt = 0u32;
+    loop {
+        let Err(e) = attempt_once().await else { return true };
+        attempt += 1;
+        let wait = Duration::from_millis(500 * 2u64.pow(attempt.min(6))).min(Duration::from_secs(30));
+        tracing::warn!("{what} unreachable (attempt {attempt}): {e}; retrying in {wait:?}");
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}

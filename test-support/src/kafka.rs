@@ -1,0 +1,178 @@
+//! Kafka-protocol brokers for tests: librdkafka's mock cluster (in-process, real TCP, fault injection)
+//! and tansu (a separate, independent implementation with admin APIs).
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+
+/// An in-process mock cluster; its brokers listen on 127.0.0.1 ports other processes can reach.
+pub type Mock = MockCluster<'static, DefaultProducerContext>;
+
+/// Starts a mock cluster with `brokers` brokers and creates `topics` (name, partitions) on it.
+pub fn mock_cluster(brokers: i32, topics: &[(&str, i32)]) -> Mock {
+    let mock = MockCluster::new(brokers).expect("start librdkafka mock cluster");
+    for (name, partitions) in topics {
+        mock.create_topic(name, *partitions, 1).expect("create mock topic");
+    }
+    mock
+}
+
+/// One record read back from a topic.
+#[derive(Debug, Clone)]
+pub struct Record {
+    /// Partition it was in.
+    pub partition: i32,
+    /// Its offset.
+    pub offset: i64,
+    /// Key as text (the outbox writes text keys).
+    pub key: Option<String>,
+    /// Value bytes.
+    pub payload: Vec<u8>,
+    /// Headers, values as text.
+    pub headers: HashMap<String, String>,
+}
+
+/// Reads every record of `topic` up to each partition's high watermark at call time, in partition then
+/// offset order. Blocking (librdkafka's own threads do the IO).
+pub fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "test-support-reader")
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()?;
+    let timeout = Duration::from_secs(10);
+    let md = consumer.fetch_metadata(Some(topic), timeout)?;
+    let partitions: Vec<i32> =
+        md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let mut remaining = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions {
+        let (low, high) = consumer.fetch_watermarks(topic, p, timeout)?;
+        if high > low {
+            remaining.insert(p, high);
+            tpl.add_partition_offset(topic, p, Offset::Beginning)?;
+        }
+    }
+    let mut out = Vec::new();
+    if remaining.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&tpl)?;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !remaining.is_empty() {
+        if Instant::now() > deadline {
+            bail!("reading {topic}: partitions {:?} not read to their end", remaining.keys());
+        }
+        let Some(msg) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let msg = msg?;
+        let headers = msg
+            .headers()
+            .map(|h| {
+                h.iter()
+                    .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let (partition, offset) = (msg.partition(), msg.offset());
+        out.push(Record {
+            partition,
+            offset,
+            key: msg.key().map(|k| String::from_utf8_lossy(k).into_owned()),
+            payload: msg.payload().unwrap_or_default().to_vec(),
+            headers,
+        });
+        if remaining.get(&partition).is_some_and(|high| offset + 1 >= *high) {
+            remaining.remove(&partition);
+        }
+    }
+    out.sort_by_key(|r| (r.partition, r.offset));
+    Ok(out)
+}
+
+/// Where the tansu binary is: `$TANSU_BIN`, else the cache `make setup` installs into.
+pub fn tansu_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("TANSU_BIN") {
+        return p.into();
+    }
+    let cache = std::env::var_os("OUTBOX_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/outbox-operator"));
+    cache.join("tansu-0.6.0/bin/tansu")
+}
+
+/// A tansu broker process with in-memory storage on a loopback port.
+pub struct Tansu {
+    port: u16,
+    child: Child,
+}
+
+impl Tansu {
+    /// Starts tansu and waits until it answers metadata requests.
+    pub fn start() -> anyhow::Result<Self> {
+        let bin = tansu_bin();
+        if !bin.exists() {
+            bail!("tansu not found at {} (run `make setup`, or set TANSU_BIN)", bin.display());
+        }
+        let port = crate::free_port();
+        let url = format!("tcp://127.0.0.1:{port}");
+        let child = Command::new(&bin)
+            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args(["--storage-engine", "memory://tansu/"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .with_context(|| format!("start {}", bin.display()))?;
+        crate::reaper::watch(child.id(), "TERM", None);
+        let broker = Self { port, child };
+        let client: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client.inner().fetch_metadata(None, Duration::from_secs(1)).is_err() {
+            if Instant::now() > deadline {
+                bail!("tansu did not answer on {}", broker.bootstrap());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Ok(broker)
+    }
+
+    /// `bootstrap.servers` for clients.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a topic through the admin API.
+    pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
+        let client: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", self.bootstrap()).create()?;
+        let res = client
+            .create_topics(
+                &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await?;
+        for r in res {
+            r.map_err(|(t, e)| anyhow::anyhow!("create topic {t}: {e}"))?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

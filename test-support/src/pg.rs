@@ -1,0 +1,176 @@
+//! A throwaway PostgreSQL cluster: `initdb` in a temp dir, `postgres` on a free loopback port.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use sqlx::{Connection, Executor, PgConnection, PgPool};
+
+/// How the cluster trades durability for speed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Durability {
+    /// `fsync=off`, `synchronous_commit=off`: for tests, where the data is thrown away.
+    Throwaway,
+    /// PostgreSQL defaults (fsync, synchronous commit): for benchmarks, so figures mean something.
+    Durable,
+}
+
+/// A running PostgreSQL server owned by this process.
+pub struct PgServer {
+    port: u16,
+    child: Mutex<Child>,
+    // Kept for its Drop (removes the data directory) on servers that are dropped.
+    _dir: tempfile::TempDir,
+}
+
+/// Directory holding `initdb` and `postgres`: `$PG_BIN`, else the newest `/usr/lib/postgresql/*/bin`.
+pub fn pg_bin_dir() -> anyhow::Result<PathBuf> {
+    if let Some(dir) = std::env::var_os("PG_BIN") {
+        return Ok(dir.into());
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .context("PostgreSQL not found: run `make setup` (installs it) or set PG_BIN")?
+        .filter_map(|e| e.ok().map(|e| e.path().join("bin")))
+        .filter(|p| p.join("initdb").exists())
+        .collect();
+    candidates.sort_by_key(|p| {
+        p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok())
+    });
+    candidates.pop().context("no /usr/lib/postgresql/*/bin/initdb: run `make setup` or set PG_BIN")
+}
+
+impl PgServer {
+    /// Initialises and starts a new cluster; returns once it accepts connections.
+    pub fn start(durability: Durability) -> anyhow::Result<Self> {
+        let bin = pg_bin_dir()?;
+        let dir = tempfile::Builder::new().prefix("outbox-pg-").tempdir()?;
+        let data = dir.path().join("data");
+        // initdb refuses to run as root: run the server as the `postgres` user the package creates.
+        let run_as = if nix::unistd::geteuid().is_root() {
+            let user = nix::unistd::User::from_name("postgres")?.context("running as root needs a `postgres` user")?;
+            std::os::unix::fs::chown(dir.path(), Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
+            Some((user.uid.as_raw(), user.gid.as_raw()))
+        } else {
+            None
+        };
+        let command = |name: &str| {
+            let mut c = Command::new(bin.join(name));
+            if let Some((uid, gid)) = run_as {
+                std::os::unix::process::CommandExt::uid(&mut c, uid);
+                std::os::unix::process::CommandExt::gid(&mut c, gid);
+            }
+            c
+        };
+        let out = command("initdb")
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions"])
+            .output()
+            .context("run initdb")?;
+        if !out.status.success() {
+            bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let port = crate::free_port();
+        let log = std::fs::File::create(dir.path().join("postgres.log"))?;
+        if let Some((uid, gid)) = run_as {
+            std::os::unix::fs::chown(dir.path().join("postgres.log"), Some(uid), Some(gid))?;
+        }
+        let mut cmd = command("postgres");
+        cmd.arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
+            .arg(dir.path())
+            .args(["-c", "max_connections=300", "-c", "shared_buffers=256MB"]);
+        if durability == Durability::Throwaway {
+            cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+        }
+        let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn().context("start postgres")?;
+        crate::reaper::watch(child.id(), "QUIT", Some(dir.path()));
+        let server = Self { port, child: Mutex::new(child), _dir: dir };
+        server.wait_ready(Duration::from_secs(30))?;
+        Ok(server)
+    }
+
+    fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = self.child.lock().unwrap().try_wait()? {
+                bail!("postgres exited during startup ({status}); see its postgres.log");
+            }
+            if Instant::now() > deadline {
+                bail!("postgres did not listen on 127.0.0.1:{} within {timeout:?}", self.port);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(())
+    }
+
+    /// The loopback port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Connection URL for database `db`.
+    pub fn url(&self, db: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{db}", self.port)
+    }
+
+    /// Creates a new, empty database with a unique name and returns its URL.
+    pub async fn create_database(&self) -> anyhow::Result<String> {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!("t{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        // A fresh connection each time: a pool in a static would outlive the runtime that made it.
+        let mut conn = connect_with_retry(&self.url("postgres")).await?;
+        conn.execute(format!("CREATE DATABASE {name}").as_str()).await?;
+        conn.close().await?;
+        Ok(self.url(&name))
+    }
+}
+
+async fn connect_with_retry(url: &str) -> anyhow::Result<PgConnection> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match PgConnection::connect(url).await {
+            Ok(c) => return Ok(c),
+            // The server listens a moment before it accepts logins ("the database system is starting up").
+            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => return Err(e).context(format!("connect {url}")),
+        }
+    }
+}
+
+impl Drop for PgServer {
+    fn drop(&mut self) {
+        let mut child = self.child.lock().unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGQUIT,
+        );
+        let _ = child.wait();
+    }
+}
+
+/// The server shared by every test in this process (throwaway durability), started on first use.
+pub fn shared() -> &'static PgServer {
+    static SERVER: OnceLock<PgServer> = OnceLock::new();
+    SERVER.get_or_init(|| PgServer::start(Durability::Throwaway).expect("start throwaway PostgreSQL"))
+}
+
+/// A new database on the shared server.
+pub struct TestDb {
+    /// Its connection URL.
+    pub url: String,
+    /// A pool connected to it.
+    pub pool: PgPool,
+}
+
+/// Creates a fresh database on the shared server and connects a pool to it.
+pub async fn fresh_db() -> TestDb {
+    let url = shared().create_database().await.expect("create test database");
+    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(10).connect(&url).await.expect("connect test db");
+    TestDb { url, pool }
+}
+
