@@ -251,6 +251,9 @@ fn config_error(flag: &'static str, env: &'static str, reason: impl ToString) ->
 
 fn db_options(db: &DbArgs) -> anyhow::Result<(PgConnectOptions, SchemaName)> {
     let url = db.database_url.as_deref().ok_or_else(|| config_error("--database-url", "DATABASE_URL", "is required"))?;
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(config_error("--database-url", "DATABASE_URL", "must start with postgres:// or postgresql://"));
+    }
     let opts = PgConnectOptions::from_str(url).map_err(|e| config_error("--database-url", "DATABASE_URL", e))?;
     let schema = SchemaName::new(&db.schema).map_err(|e| config_error("--schema", "OUTBOX_SCHEMA", e.reason))?;
     Ok((opts, schema))
@@ -377,8 +380,11 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
         "idle_in_transaction_session_timeout",
         format!("{}ms", idle_in_transaction_timeout(kafka.delivery_timeout).as_millis()),
     )]);
-    let pool = PgPoolOptions::new().max_connections(4).connect_lazy_with(session_opts);
-    if !wait_for_database(&pool, &shutdown).await {
+    let pool = PgPoolOptions::new()
+        .max_connections(4)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(session_opts.clone());
+    if !wait_for_database(&session_opts, &shutdown).await {
         return Ok(());
     }
     if args.migrate {

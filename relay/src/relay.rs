@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox::SchemaName;
-use sqlx::postgres::PgListener;
+use sqlx::postgres::{PgConnectOptions, PgListener};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -271,8 +271,14 @@ fn is_missing_partition(e: &sqlx::Error) -> bool {
 
 /// Waits until the database answers, logging one line per failed attempt with growing backoff.
 /// `false` when `shutdown` fired first.
-pub async fn wait_for_database(pool: &PgPool, shutdown: &CancellationToken) -> bool {
-    retry_until("database", shutdown, || async { sqlx::query("SELECT 1").execute(pool).await.map(|_| ()) }).await
+/// Probes with a direct connection: a pool would retry silently until its acquire timeout.
+pub async fn wait_for_database(opts: &PgConnectOptions, shutdown: &CancellationToken) -> bool {
+    use sqlx::Connection;
+    retry_until("database", shutdown, || async {
+        let conn = sqlx::PgConnection::connect_with(opts).await?;
+        conn.close().await
+    })
+    .await
 }
 
 /// Waits until a broker answers, like [`wait_for_database`].
@@ -290,7 +296,7 @@ where
     loop {
         let Err(e) = attempt_once().await else { return true };
         attempt += 1;
-        let wait = Duration::from_millis(500 * 2u64.pow(attempt.min(6))).min(Duration::from_secs(30));
+        let wait = Duration::from_millis(500 * 2u64.pow((attempt - 1).min(6))).min(Duration::from_secs(30));
         tracing::warn!("{what} unreachable (attempt {attempt}): {e}; retrying in {wait:?}");
         tokio::select! {
             _ = shutdown.cancelled() => return false,
