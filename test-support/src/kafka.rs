@@ -42,8 +42,9 @@ pub struct Record {
     pub headers: HashMap<String, String>,
 }
 
-/// Reads every record of `topic` up to each partition's high watermark at call time, in partition then
-/// offset order. Blocking (librdkafka's own threads do the IO).
+/// Reads every record of `topic`: at least up to each partition's high watermark at call time, then on
+/// until no record arrives for a second (tansu 0.6 under-reports high watermarks). Sorted by partition
+/// then offset. Blocking (librdkafka's own threads do the IO).
 pub fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -70,11 +71,13 @@ pub fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
     }
     consumer.assign(&tpl)?;
     let deadline = Instant::now() + Duration::from_secs(120);
-    while !remaining.is_empty() {
+    let mut last_record = Instant::now();
+    while !remaining.is_empty() || last_record.elapsed() < Duration::from_secs(1) {
         if Instant::now() > deadline {
             bail!("reading {topic}: partitions {:?} not read to their end", remaining.keys());
         }
-        let Some(msg) = consumer.poll(Duration::from_millis(200)) else { continue };
+        let Some(msg) = consumer.poll(Duration::from_millis(100)) else { continue };
+        last_record = Instant::now();
         let msg = msg?;
         let headers = msg
             .headers()
