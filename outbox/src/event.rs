@@ -47,7 +47,8 @@ impl NewEvent {
     /// Sets the payload to the JSON serialisation of `value` and the `content-type` header accordingly.
     pub fn json<T: Serialize + ?Sized>(mut self, value: &T) -> Result<Self, Error> {
         self.payload = serde_json::to_vec(value)?;
-        self.headers.insert("content-type".into(), "application/json".into());
+        self.headers
+            .insert("content-type".into(), "application/json".into());
         Ok(self)
     }
 
@@ -64,7 +65,11 @@ impl NewEvent {
     }
 
     /// Sets the aggregate type and id.
-    pub fn aggregate(mut self, aggregate_type: impl Into<String>, aggregate_id: impl Into<String>) -> Self {
+    pub fn aggregate(
+        mut self,
+        aggregate_type: impl Into<String>,
+        aggregate_id: impl Into<String>,
+    ) -> Self {
         self.aggregate_type = Some(aggregate_type.into());
         self.aggregate_id = Some(aggregate_id.into());
         self

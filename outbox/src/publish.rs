@@ -31,7 +31,11 @@ impl Outbox {
              ORDER BY n",
             schema.table("events")
         );
-        Self { schema, max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES, insert_sql }
+        Self {
+            schema,
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
+            insert_sql,
+        }
     }
 
     /// Sets the payload limit checked before insert.
@@ -46,7 +50,11 @@ impl Outbox {
     }
 
     /// Validates and writes one event in the caller's transaction; returns its `event_id`.
-    pub async fn publish(&self, tx: &mut Transaction<'_, Postgres>, event: NewEvent) -> Result<Uuid, Error> {
+    pub async fn publish(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        event: NewEvent,
+    ) -> Result<Uuid, Error> {
         let ids = self.publish_all(tx, vec![event]).await?;
         Ok(ids[0])
     }
@@ -62,9 +70,18 @@ impl Outbox {
             validate::event(ev, self.max_payload_bytes)?;
         }
         let n = events.len();
-        let (mut ids, mut topics, mut keys, mut payloads, mut headers) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut types, mut agg_types, mut agg_ids) = (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut ids, mut topics, mut keys, mut payloads, mut headers) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut types, mut agg_types, mut agg_ids) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for mut ev in events {
             capture_traceparent(&mut ev.headers);
             ids.push(Uuid::now_v7());
@@ -99,6 +116,9 @@ pub async fn publish(tx: &mut Transaction<'_, Postgres>, event: NewEvent) -> Res
 }
 
 /// [`Outbox::publish_all`] on the default schema with default limits.
-pub async fn publish_all(tx: &mut Transaction<'_, Postgres>, events: Vec<NewEvent>) -> Result<Vec<Uuid>, Error> {
+pub async fn publish_all(
+    tx: &mut Transaction<'_, Postgres>,
+    events: Vec<NewEvent>,
+) -> Result<Vec<Uuid>, Error> {
     Outbox::default().publish_all(tx, events).await
 }

@@ -16,8 +16,13 @@ pub struct SchemaName(String);
 impl SchemaName {
     /// Validates `name`.
     pub fn new(name: &str) -> Result<Self, ValidationError> {
-        let ok_first = name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_');
-        let ok_rest = name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+        let ok_first = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c == '_');
+        let ok_rest = name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
         if !ok_first || !ok_rest || name.len() > 63 {
             return Err(ValidationError {
                 field: "schema".into(),
@@ -63,8 +68,10 @@ pub fn notify_channel(schema: &SchemaName) -> String {
 pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), Error> {
     let schema = SchemaName::new(schema)?;
     let mut conn = pool.acquire().await?.detach();
-    conn.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str()).await?;
-    conn.execute(format!("SET search_path TO \"{schema}\"").as_str()).await?;
+    conn.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
+        .await?;
+    conn.execute(format!("SET search_path TO \"{schema}\"").as_str())
+        .await?;
     MIGRATOR.run(&mut conn).await?;
     Ok(())
 }
@@ -74,7 +81,14 @@ pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), Error> {
 /// Optional because NOTIFY takes a database-wide lock at commit; very busy writers may prefer polling.
 pub async fn install_notify_trigger(pool: &PgPool, schema: &SchemaName) -> Result<(), Error> {
     let mut tx = pool.begin().await?;
-    tx.execute(format!("DROP TRIGGER IF EXISTS events_notify ON {}", schema.table("events")).as_str()).await?;
+    tx.execute(
+        format!(
+            "DROP TRIGGER IF EXISTS events_notify ON {}",
+            schema.table("events")
+        )
+        .as_str(),
+    )
+    .await?;
     tx.execute(
         format!(
             "CREATE TRIGGER events_notify AFTER INSERT ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()",
@@ -90,7 +104,14 @@ pub async fn install_notify_trigger(pool: &PgPool, schema: &SchemaName) -> Resul
 
 /// Removes the NOTIFY trigger. Idempotent.
 pub async fn remove_notify_trigger(pool: &PgPool, schema: &SchemaName) -> Result<(), Error> {
-    pool.execute(format!("DROP TRIGGER IF EXISTS events_notify ON {}", schema.table("events")).as_str()).await?;
+    pool.execute(
+        format!(
+            "DROP TRIGGER IF EXISTS events_notify ON {}",
+            schema.table("events")
+        )
+        .as_str(),
+    )
+    .await?;
     Ok(())
 }
 

@@ -20,7 +20,12 @@ pub(crate) fn capture_traceparent(headers: &mut BTreeMap<String, String>) {
     }
     headers.insert(
         "traceparent".into(),
-        format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()),
+        format!(
+            "00-{}-{}-{:02x}",
+            sc.trace_id(),
+            sc.span_id(),
+            sc.trace_flags().to_u8()
+        ),
     );
     let state = sc.trace_state().header();
     if !state.is_empty() {

@@ -19,7 +19,10 @@ pub struct ValidationError {
 
 impl ValidationError {
     fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { field: field.into(), reason: reason.into() }
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 }
 
@@ -30,13 +33,21 @@ pub fn topic(name: &str) -> Result<(), ValidationError> {
         return err("must not be empty".into());
     }
     if name.len() > MAX_TOPIC_LEN {
-        return err(format!("is {} characters long, the maximum is {MAX_TOPIC_LEN}", name.len()));
+        return err(format!(
+            "is {} characters long, the maximum is {MAX_TOPIC_LEN}",
+            name.len()
+        ));
     }
     if name == "." || name == ".." {
         return err(format!("`{name}` is not a legal topic name"));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))) {
-        return err(format!("contains illegal character {c:?} (allowed: a-z A-Z 0-9 . _ -)"));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        return err(format!(
+            "contains illegal character {c:?} (allowed: a-z A-Z 0-9 . _ -)"
+        ));
     }
     Ok(())
 }
@@ -44,10 +55,16 @@ pub fn topic(name: &str) -> Result<(), ValidationError> {
 /// Checks a record key: not empty, at most [`MAX_KEY_BYTES`] bytes.
 pub fn key(key: &str) -> Result<(), ValidationError> {
     if key.is_empty() {
-        return Err(ValidationError::new("key", "must not be empty (the key is the ordering unit)"));
+        return Err(ValidationError::new(
+            "key",
+            "must not be empty (the key is the ordering unit)",
+        ));
     }
     if key.len() > MAX_KEY_BYTES {
-        return Err(ValidationError::new("key", format!("is {} bytes, the maximum is {MAX_KEY_BYTES}", key.len())));
+        return Err(ValidationError::new(
+            "key",
+            format!("is {} bytes, the maximum is {MAX_KEY_BYTES}", key.len()),
+        ));
     }
     Ok(())
 }
@@ -56,7 +73,10 @@ pub fn key(key: &str) -> Result<(), ValidationError> {
 /// (other than tab) — PostgreSQL's jsonb cannot store NUL, and Kafka tooling prints headers as text.
 pub fn header(name: &str, value: &str) -> Result<(), ValidationError> {
     if name.is_empty() {
-        return Err(ValidationError::new("headers", "a header name must not be empty"));
+        return Err(ValidationError::new(
+            "headers",
+            "a header name must not be empty",
+        ));
     }
     if let Some(c) = name.chars().find(|c| !c.is_ascii_graphic()) {
         return Err(ValidationError::new(
@@ -80,7 +100,10 @@ pub fn event(ev: &NewEvent, max_payload_bytes: usize) -> Result<(), ValidationEr
     if ev.payload.len() > max_payload_bytes {
         return Err(ValidationError::new(
             "payload",
-            format!("is {} bytes, the configured maximum is {max_payload_bytes}", ev.payload.len()),
+            format!(
+                "is {} bytes, the configured maximum is {max_payload_bytes}",
+                ev.payload.len()
+            ),
         ));
     }
     for (name, value) in &ev.headers {
@@ -93,7 +116,10 @@ pub fn event(ev: &NewEvent, max_payload_bytes: usize) -> Result<(), ValidationEr
     ] {
         if let Some(v) = value {
             if v.is_empty() || v.contains('\0') {
-                return Err(ValidationError::new(field, "must be non-empty text without NUL when set"));
+                return Err(ValidationError::new(
+                    field,
+                    "must be non-empty text without NUL when set",
+                ));
             }
         }
     }
@@ -126,7 +152,10 @@ mod tests {
             assert_eq!(e.field, "topic");
             assert!(e.reason.contains(reason), "{t:?}: {}", e.reason);
         }
-        assert!(topic(&"x".repeat(250)).unwrap_err().reason.contains("250 characters"));
+        assert!(topic(&"x".repeat(250))
+            .unwrap_err()
+            .reason
+            .contains("250 characters"));
     }
 
     #[test]
@@ -134,7 +163,10 @@ mod tests {
         assert!(header("traceparent", "00-abc").is_ok());
         assert!(header("tab", "a\tb").is_ok());
         assert_eq!(header("", "v").unwrap_err().field, "headers");
-        assert_eq!(header("bad name", "v").unwrap_err().field, "headers.bad name");
+        assert_eq!(
+            header("bad name", "v").unwrap_err().field,
+            "headers.bad name"
+        );
         let e = header("x", "a\0b").unwrap_err();
         assert_eq!(e.field, "headers.x");
         assert!(e.reason.contains("control character"));
@@ -152,7 +184,17 @@ mod tests {
     #[test]
     fn key_and_optional_fields() {
         assert_eq!(event(&NewEvent::new("t", ""), 10).unwrap_err().field, "key");
-        assert_eq!(event(&NewEvent::new("t", "k").event_type(""), 10).unwrap_err().field, "event_type");
-        assert_eq!(event(&NewEvent::new("t", "k").aggregate("a\0", "1"), 10).unwrap_err().field, "aggregate_type");
+        assert_eq!(
+            event(&NewEvent::new("t", "k").event_type(""), 10)
+                .unwrap_err()
+                .field,
+            "event_type"
+        );
+        assert_eq!(
+            event(&NewEvent::new("t", "k").aggregate("a\0", "1"), 10)
+                .unwrap_err()
+                .field,
+            "aggregate_type"
+        );
     }
 }

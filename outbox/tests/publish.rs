@@ -10,28 +10,50 @@ async fn db() -> PgPool {
 }
 
 async fn count(pool: &PgPool, table: &str) -> i64 {
-    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(pool).await.unwrap()
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn event_commits_and_rolls_back_with_the_business_transaction() {
     let pool = db().await;
-    sqlx::query("CREATE TABLE orders (id int PRIMARY KEY)").execute(&pool).await.unwrap();
+    sqlx::query("CREATE TABLE orders (id int PRIMARY KEY)")
+        .execute(&pool)
+        .await
+        .unwrap();
 
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO orders VALUES (1)").execute(&mut *tx).await.unwrap();
-    let id = outbox::publish(&mut tx, NewEvent::new("orders", "1").payload(b"one".to_vec())).await.unwrap();
+    sqlx::query("INSERT INTO orders VALUES (1)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let id = outbox::publish(
+        &mut tx,
+        NewEvent::new("orders", "1").payload(b"one".to_vec()),
+    )
+    .await
+    .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(id.get_version_num(), 7, "event ids are UUID v7");
 
     let mut tx = pool.begin().await.unwrap();
-    sqlx::query("INSERT INTO orders VALUES (2)").execute(&mut *tx).await.unwrap();
-    outbox::publish(&mut tx, NewEvent::new("orders", "2")).await.unwrap();
+    sqlx::query("INSERT INTO orders VALUES (2)")
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    outbox::publish(&mut tx, NewEvent::new("orders", "2"))
+        .await
+        .unwrap();
     tx.rollback().await.unwrap();
 
     assert_eq!(count(&pool, "orders").await, 1);
     let stored: (uuid::Uuid, String, Vec<u8>) =
-        sqlx::query_as("SELECT event_id, key, payload FROM outbox.events").fetch_one(&pool).await.unwrap();
+        sqlx::query_as("SELECT event_id, key, payload FROM outbox.events")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(stored, (id, "1".into(), b"one".to_vec()));
 }
 
@@ -52,7 +74,14 @@ async fn publish_all_writes_in_order_with_every_field() {
     let ids = outbox::publish_all(&mut tx, events).await.unwrap();
     tx.commit().await.unwrap();
 
-    type Row = (i64, uuid::Uuid, serde_json::Value, serde_json::Value, Option<String>, Option<String>);
+    type Row = (
+        i64,
+        uuid::Uuid,
+        serde_json::Value,
+        serde_json::Value,
+        Option<String>,
+        Option<String>,
+    );
     let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, event_id, convert_from(payload, 'UTF8')::jsonb, headers, event_type, aggregate_id FROM outbox.events ORDER BY id",
     )
@@ -92,7 +121,10 @@ async fn every_invalid_field_is_named_and_nothing_is_inserted() {
     for (bad, field) in cases {
         let mut tx = pool.begin().await.unwrap();
         // A valid event first: the whole batch must be refused, not half-written.
-        let err = outbox.publish_all(&mut tx, vec![good(), bad]).await.unwrap_err();
+        let err = outbox
+            .publish_all(&mut tx, vec![good(), bad])
+            .await
+            .unwrap_err();
         match err {
             outbox::Error::Invalid(v) => assert_eq!(v.field, field, "{v}"),
             other => panic!("expected a validation error for {field}, got {other}"),
@@ -109,25 +141,41 @@ async fn traceparent_of_the_active_span_is_captured() {
 
     let pool = db().await;
     let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
-    let subscriber =
-        tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+    let subscriber = tracing_subscriber::registry()
+        .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
     let _guard = tracing::subscriber::set_default(subscriber);
 
     let span = tracing::info_span!("place_order");
     let mut tx = pool.begin().await.unwrap();
     {
         let _entered = span.enter();
-        outbox::publish(&mut tx, NewEvent::new("orders", "traced")).await.unwrap();
+        outbox::publish(&mut tx, NewEvent::new("orders", "traced"))
+            .await
+            .unwrap();
     }
-    outbox::publish(&mut tx, NewEvent::new("orders", "untraced")).await.unwrap();
+    outbox::publish(&mut tx, NewEvent::new("orders", "untraced"))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
 
     let rows: Vec<(String, serde_json::Value)> =
-        sqlx::query_as("SELECT key, headers FROM outbox.events ORDER BY id").fetch_all(&pool).await.unwrap();
-    let tp = rows[0].1["traceparent"].as_str().expect("traceparent captured inside the span");
+        sqlx::query_as("SELECT key, headers FROM outbox.events ORDER BY id")
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    let tp = rows[0].1["traceparent"]
+        .as_str()
+        .expect("traceparent captured inside the span");
     let parts: Vec<&str> = tp.split('-').collect();
-    assert_eq!((parts.len(), parts[0], parts[1].len(), parts[2].len()), (4, "00", 32, 16), "{tp}");
-    assert!(rows[1].1.get("traceparent").is_none(), "no span, no traceparent");
+    assert_eq!(
+        (parts.len(), parts[0], parts[1].len(), parts[2].len()),
+        (4, "00", 32, 16),
+        "{tp}"
+    );
+    assert!(
+        rows[1].1.get("traceparent").is_none(),
+        "no span, no traceparent"
+    );
 }
 
 #[tokio::test]
@@ -136,11 +184,18 @@ async fn custom_schema_and_idempotent_migrations() {
     outbox::migrate(&db.pool, "tenant_a").await.unwrap();
     outbox::migrate(&db.pool, "tenant_a").await.unwrap();
     let schema = SchemaName::new("tenant_a").unwrap();
-    outbox::install_notify_trigger(&db.pool, &schema).await.unwrap();
-    outbox::install_notify_trigger(&db.pool, &schema).await.unwrap();
+    outbox::install_notify_trigger(&db.pool, &schema)
+        .await
+        .unwrap();
+    outbox::install_notify_trigger(&db.pool, &schema)
+        .await
+        .unwrap();
     let outbox = Outbox::new(schema);
     let mut tx = db.pool.begin().await.unwrap();
-    outbox.publish(&mut tx, NewEvent::new("t", "k")).await.unwrap();
+    outbox
+        .publish(&mut tx, NewEvent::new("t", "k"))
+        .await
+        .unwrap();
     tx.commit().await.unwrap();
     assert_eq!(count(&db.pool, "tenant_a.events").await, 1);
     let err = outbox::migrate(&db.pool, "Bad-Name").await.unwrap_err();

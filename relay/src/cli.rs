@@ -29,7 +29,13 @@ pub struct Cli {
     #[command(flatten)]
     db: DbArgs,
     /// Log format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -57,7 +63,11 @@ struct KafkaArgs {
     #[arg(long, env = "KAFKA_BOOTSTRAP")]
     brokers: String,
     /// Extra librdkafka properties `key=value` (SASL, TLS...), repeatable or comma-separated.
-    #[arg(long = "kafka-config", env = "RELAY_KAFKA_CONFIG", value_delimiter = ',')]
+    #[arg(
+        long = "kafka-config",
+        env = "RELAY_KAFKA_CONFIG",
+        value_delimiter = ','
+    )]
     kafka_config: Vec<String>,
     /// How long a record may wait for its acknowledgment before the attempt fails.
     #[arg(long, env = "RELAY_DELIVERY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
@@ -198,7 +208,11 @@ struct Selector {
 
 impl Selector {
     fn to_selector(&self) -> DeadSelector {
-        DeadSelector { event_id: self.event_id, key: self.key.clone(), topic: self.topic.clone() }
+        DeadSelector {
+            event_id: self.event_id,
+            key: self.key.clone(),
+            topic: self.topic.clone(),
+        }
     }
     fn is_empty(&self) -> bool {
         self.event_id.is_none() && self.key.is_none() && self.topic.is_none()
@@ -246,16 +260,30 @@ pub struct ConfigError {
 }
 
 fn config_error(flag: &'static str, env: &'static str, reason: impl ToString) -> anyhow::Error {
-    ConfigError { flag, env, reason: reason.to_string() }.into()
+    ConfigError {
+        flag,
+        env,
+        reason: reason.to_string(),
+    }
+    .into()
 }
 
 fn db_options(db: &DbArgs) -> anyhow::Result<(PgConnectOptions, SchemaName)> {
-    let url = db.database_url.as_deref().ok_or_else(|| config_error("--database-url", "DATABASE_URL", "is required"))?;
+    let url = db
+        .database_url
+        .as_deref()
+        .ok_or_else(|| config_error("--database-url", "DATABASE_URL", "is required"))?;
     if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(config_error("--database-url", "DATABASE_URL", "must start with postgres:// or postgresql://"));
+        return Err(config_error(
+            "--database-url",
+            "DATABASE_URL",
+            "must start with postgres:// or postgresql://",
+        ));
     }
-    let opts = PgConnectOptions::from_str(url).map_err(|e| config_error("--database-url", "DATABASE_URL", e))?;
-    let schema = SchemaName::new(&db.schema).map_err(|e| config_error("--schema", "OUTBOX_SCHEMA", e.reason))?;
+    let opts = PgConnectOptions::from_str(url)
+        .map_err(|e| config_error("--database-url", "DATABASE_URL", e))?;
+    let schema = SchemaName::new(&db.schema)
+        .map_err(|e| config_error("--schema", "OUTBOX_SCHEMA", e.reason))?;
     Ok((opts, schema))
 }
 
@@ -267,7 +295,11 @@ pub fn parse_kafka(brokers: &str, extra: &[String]) -> anyhow::Result<Vec<(Strin
     for b in brokers.split(',') {
         let port = b.trim().rsplit_once(':').map(|(_, p)| p.parse::<u16>());
         if !matches!(port, Some(Ok(p)) if p > 0) {
-            return Err(config_error("--brokers", "KAFKA_BOOTSTRAP", format!("`{b}` is not host:port")));
+            return Err(config_error(
+                "--brokers",
+                "KAFKA_BOOTSTRAP",
+                format!("`{b}` is not host:port"),
+            ));
         }
     }
     extra
@@ -276,7 +308,13 @@ pub fn parse_kafka(brokers: &str, extra: &[String]) -> anyhow::Result<Vec<(Strin
         .map(|kv| {
             kv.split_once('=')
                 .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                .ok_or_else(|| config_error("--kafka-config", "RELAY_KAFKA_CONFIG", format!("`{kv}` is not key=value")))
+                .ok_or_else(|| {
+                    config_error(
+                        "--kafka-config",
+                        "RELAY_KAFKA_CONFIG",
+                        format!("`{kv}` is not key=value"),
+                    )
+                })
         })
         .collect()
 }
@@ -293,8 +331,11 @@ fn kafka_settings(k: &KafkaArgs) -> anyhow::Result<KafkaSettings> {
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -305,7 +346,10 @@ fn init_logging(format: LogFormat) {
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match rt.block_on(dispatch(cli)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
@@ -324,7 +368,8 @@ fn shutdown_signal() -> CancellationToken {
     let token = CancellationToken::new();
     let t = token.clone();
     tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -340,14 +385,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Run(args) => run(*args, opts, schema).await,
         Command::Migrate { notify_trigger } => {
-            let pool = PgPoolOptions::new().max_connections(1).connect_with(opts).await.context("connect")?;
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .connect_with(opts)
+                .await
+                .context("connect")?;
             outbox::migrate(&pool, schema.as_str()).await?;
             if notify_trigger {
                 outbox::install_notify_trigger(&pool, &schema).await?;
             } else {
                 outbox::remove_notify_trigger(&pool, &schema).await?;
             }
-            println!("schema `{schema}` is up to date (notify trigger: {})", if notify_trigger { "on" } else { "off" });
+            println!(
+                "schema `{schema}` is up to date (notify trigger: {})",
+                if notify_trigger { "on" } else { "off" }
+            );
             Ok(())
         }
         Command::Replay(args) => replay(args, opts, schema).await,
@@ -358,7 +410,11 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
 async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyhow::Result<()> {
     let kafka = kafka_settings(&args.kafka)?;
     if args.backoff_base > args.backoff_max {
-        return Err(config_error("--backoff-base", "RELAY_BACKOFF_BASE", "must not exceed --backoff-max"));
+        return Err(config_error(
+            "--backoff-base",
+            "RELAY_BACKOFF_BASE",
+            "must not exceed --backoff-max",
+        ));
     }
     let instance = args.instance_id.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "relay".into());
@@ -369,7 +425,10 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
     let metrics = Arc::new(Metrics::new());
     let addr = crate::http::serve(
         args.http_addr,
-        crate::http::Surfaces { health: health.clone(), metrics: metrics.clone() },
+        crate::http::Surfaces {
+            health: health.clone(),
+            metrics: metrics.clone(),
+        },
         shutdown.clone(),
     )
     .await
@@ -378,7 +437,10 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
 
     let session_opts = opts.clone().options([(
         "idle_in_transaction_session_timeout",
-        format!("{}ms", idle_in_transaction_timeout(kafka.delivery_timeout).as_millis()),
+        format!(
+            "{}ms",
+            idle_in_transaction_timeout(kafka.delivery_timeout).as_millis()
+        ),
     )]);
     let pool = PgPoolOptions::new()
         .max_connections(4)
@@ -393,7 +455,8 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
             outbox::install_notify_trigger(&pool, &schema).await?;
         }
     }
-    let producer = Producer::new(kafka, health.clone()).map_err(|e| config_error("--kafka-config", "RELAY_KAFKA_CONFIG", e))?;
+    let producer = Producer::new(kafka, health.clone())
+        .map_err(|e| config_error("--kafka-config", "RELAY_KAFKA_CONFIG", e))?;
     if !wait_for_broker(&producer, &shutdown).await {
         return Ok(());
     }
@@ -411,16 +474,32 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
         dlq: args.dlq,
         retention: match args.retention {
             RetentionMode::Delete => Retention::Delete,
-            RetentionMode::Archive => Retention::Archive { ttl_days: args.archive_ttl_days },
+            RetentionMode::Archive => Retention::Archive {
+                ttl_days: args.archive_ttl_days,
+            },
         },
         fence_scope: args.fence_scope.clone(),
         max_message_bytes: args.kafka.max_message_bytes,
     };
-    let relay = Arc::new(Relay::new(cfg, pool.clone(), producer, metrics, health.clone()));
+    let relay = Arc::new(Relay::new(
+        cfg,
+        pool.clone(),
+        producer,
+        metrics,
+        health.clone(),
+    ));
     relay.spawn_monitors(shutdown.clone());
     let mut coordinator: Box<dyn Coordinator> = match args.coordination {
         Coordination::Single => Box::new(
-            SingleLock::new(opts, pool, relay.store().clone(), args.fence_scope, instance, health).with_retry(args.lock_retry),
+            SingleLock::new(
+                opts,
+                pool,
+                relay.store().clone(),
+                args.fence_scope,
+                instance,
+                health,
+            )
+            .with_retry(args.lock_retry),
         ),
         Coordination::Competing => Box::new(Competing),
     };
@@ -429,24 +508,49 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
     Ok(())
 }
 
-async fn replay(args: ReplayArgs, opts: PgConnectOptions, schema: SchemaName) -> anyhow::Result<()> {
+async fn replay(
+    args: ReplayArgs,
+    opts: PgConnectOptions,
+    schema: SchemaName,
+) -> anyhow::Result<()> {
     let kafka = kafka_settings(&args.kafka)?;
-    let filter = ReplayFilter { since: args.since, until: args.until.unwrap_or_else(Utc::now), key: args.key, topic: args.topic };
+    let filter = ReplayFilter {
+        since: args.since,
+        until: args.until.unwrap_or_else(Utc::now),
+        key: args.key,
+        topic: args.topic,
+    };
     if filter.since >= filter.until {
         return Err(config_error("--since", "-", "must be before --until"));
     }
-    let pool = PgPoolOptions::new().max_connections(2).connect_with(opts).await.context("connect to the database")?;
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(opts)
+        .await
+        .context("connect to the database")?;
     let total = tools::replay_count(&pool, &schema, &filter).await?;
     if args.dry_run {
         println!("dry run: {total} archived events match; nothing produced");
         return Ok(());
     }
-    let producer = Producer::new(kafka, Arc::new(Health::default())).map_err(|e| config_error("--kafka-config", "RELAY_KAFKA_CONFIG", e))?;
+    let producer = Producer::new(kafka, Arc::new(Health::default()))
+        .map_err(|e| config_error("--kafka-config", "RELAY_KAFKA_CONFIG", e))?;
     let bar = indicatif::ProgressBar::new(total as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} events ({per_sec}, eta {eta})").expect("static template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:40} {pos}/{len} events ({per_sec}, eta {eta})",
+        )
+        .expect("static template"),
     );
-    let report = tools::replay(&pool, &schema, &filter, args.to_topic.as_deref(), &producer, |n| bar.set_position(n)).await?;
+    let report = tools::replay(
+        &pool,
+        &schema,
+        &filter,
+        args.to_topic.as_deref(),
+        &producer,
+        |n| bar.set_position(n),
+    )
+    .await?;
     bar.finish();
     println!("replayed {} events, {} failed", report.sent, report.failed);
     if report.failed > 0 {
@@ -456,7 +560,11 @@ async fn replay(args: ReplayArgs, opts: PgConnectOptions, schema: SchemaName) ->
 }
 
 async fn dead(cmd: DeadCommand, opts: PgConnectOptions, schema: SchemaName) -> anyhow::Result<()> {
-    let pool = PgPoolOptions::new().max_connections(1).connect_with(opts).await.context("connect to the database")?;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .connect_with(opts)
+        .await
+        .context("connect to the database")?;
     match cmd {
         DeadCommand::List { sel, limit, json } => {
             let rows = tools::dead_list(&pool, &schema, &sel.to_selector(), limit).await?;
@@ -465,7 +573,10 @@ async fn dead(cmd: DeadCommand, opts: PgConnectOptions, schema: SchemaName) -> a
                     println!("{}", serde_json::to_string(r)?);
                 }
             } else {
-                println!("{:<36}  {:<20}  {:<16}  {:<13}  {:>8}  {:<6}  error", "event_id", "topic", "key", "reason", "attempts", "parked");
+                println!(
+                    "{:<36}  {:<20}  {:<16}  {:<13}  {:>8}  {:<6}  error",
+                    "event_id", "topic", "key", "reason", "attempts", "parked"
+                );
                 for r in &rows {
                     let err: String = r.error.chars().take(80).collect();
                     println!(
@@ -475,8 +586,14 @@ async fn dead(cmd: DeadCommand, opts: PgConnectOptions, schema: SchemaName) -> a
                 }
             }
         }
-        DeadCommand::Redrive { sel, all } | DeadCommand::Discard { sel, all } if sel.is_empty() && !all => {
-            return Err(config_error("--event-id/--key/--topic", "-", "name the events, or pass --all"));
+        DeadCommand::Redrive { sel, all } | DeadCommand::Discard { sel, all }
+            if sel.is_empty() && !all =>
+        {
+            return Err(config_error(
+                "--event-id/--key/--topic",
+                "-",
+                "name the events, or pass --all",
+            ));
         }
         DeadCommand::Redrive { sel, .. } => {
             let n = tools::dead_redrive(&pool, &schema, &sel.to_selector()).await?;
@@ -498,10 +615,21 @@ mod tests {
     fn kafka_settings_are_checked() {
         assert!(parse_kafka("127.0.0.1:9092,b:1", &[]).is_ok());
         let e = parse_kafka("localhost", &[]).unwrap_err().to_string();
-        assert_eq!(e, "invalid --brokers (KAFKA_BOOTSTRAP): `localhost` is not host:port");
-        let e = parse_kafka("a:1", &["sasl.mechanism".into()]).unwrap_err().to_string();
-        assert!(e.starts_with("invalid --kafka-config (RELAY_KAFKA_CONFIG)"), "{e}");
-        assert_eq!(parse_kafka("a:1", &["a=b".into()]).unwrap(), vec![("a".into(), "b".into())]);
+        assert_eq!(
+            e,
+            "invalid --brokers (KAFKA_BOOTSTRAP): `localhost` is not host:port"
+        );
+        let e = parse_kafka("a:1", &["sasl.mechanism".into()])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("invalid --kafka-config (RELAY_KAFKA_CONFIG)"),
+            "{e}"
+        );
+        assert_eq!(
+            parse_kafka("a:1", &["a=b".into()]).unwrap(),
+            vec![("a".into(), "b".into())]
+        );
     }
 
     #[test]
@@ -513,7 +641,10 @@ mod tests {
         for arg in run.get_arguments() {
             let id = arg.get_id().as_str();
             if id != "help" && id != "version" {
-                assert!(arg.get_env().is_some(), "run flag --{id} has no environment variable");
+                assert!(
+                    arg.get_env().is_some(),
+                    "run flag --{id} has no environment variable"
+                );
             }
         }
     }

@@ -26,7 +26,10 @@ pub struct Leadership {
 /// coordinator plugs in here.
 pub trait Coordinator: Send {
     /// Waits until this relay may publish. `Ok(None)` when `shutdown` fired first.
-    fn acquire<'a>(&'a mut self, shutdown: &'a CancellationToken) -> BoxFuture<'a, anyhow::Result<Option<Leadership>>>;
+    fn acquire<'a>(
+        &'a mut self,
+        shutdown: &'a CancellationToken,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Leadership>>>;
     /// Gives the right back; called only after the publish loop has stopped.
     fn release(&mut self) -> BoxFuture<'_, ()>;
 }
@@ -37,8 +40,16 @@ pub trait Coordinator: Send {
 pub struct Competing;
 
 impl Coordinator for Competing {
-    fn acquire<'a>(&'a mut self, _: &'a CancellationToken) -> BoxFuture<'a, anyhow::Result<Option<Leadership>>> {
-        Box::pin(async { Ok(Some(Leadership { epoch: None, lost: CancellationToken::new() })) })
+    fn acquire<'a>(
+        &'a mut self,
+        _: &'a CancellationToken,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Leadership>>> {
+        Box::pin(async {
+            Ok(Some(Leadership {
+                epoch: None,
+                lost: CancellationToken::new(),
+            }))
+        })
     }
     fn release(&mut self) -> BoxFuture<'_, ()> {
         Box::pin(async {})
@@ -61,8 +72,24 @@ pub struct SingleLock {
 
 impl SingleLock {
     /// A coordinator for `scope`, identifying itself as `holder` in the fence table.
-    pub fn new(connect: PgConnectOptions, pool: PgPool, store: Store, scope: String, holder: String, health: Arc<Health>) -> Self {
-        Self { connect, pool, store, scope, holder, health, retry: Duration::from_secs(2), held: None }
+    pub fn new(
+        connect: PgConnectOptions,
+        pool: PgPool,
+        store: Store,
+        scope: String,
+        holder: String,
+        health: Arc<Health>,
+    ) -> Self {
+        Self {
+            connect,
+            pool,
+            store,
+            scope,
+            holder,
+            health,
+            retry: Duration::from_secs(2),
+            held: None,
+        }
     }
 
     /// Sets how often a standby retries the lock.
@@ -92,13 +119,21 @@ impl SingleLock {
         .fetch_optional(&mut conn)
         .await?;
         let _ = conn.close().await;
-        let who = holder.map(|p| format!("backend pid {p}")).unwrap_or_else(|| "another session".into());
-        Ok(Err(format!("advisory lock `{}` held by {who}", self.lock_key())))
+        let who = holder
+            .map(|p| format!("backend pid {p}"))
+            .unwrap_or_else(|| "another session".into());
+        Ok(Err(format!(
+            "advisory lock `{}` held by {who}",
+            self.lock_key()
+        )))
     }
 }
 
 impl Coordinator for SingleLock {
-    fn acquire<'a>(&'a mut self, shutdown: &'a CancellationToken) -> BoxFuture<'a, anyhow::Result<Option<Leadership>>> {
+    fn acquire<'a>(
+        &'a mut self,
+        shutdown: &'a CancellationToken,
+    ) -> BoxFuture<'a, anyhow::Result<Option<Leadership>>> {
         Box::pin(async move {
             let mut announced = None;
             let conn = loop {
@@ -123,12 +158,19 @@ impl Coordinator for SingleLock {
                 .take_fence(&self.pool, &self.scope, &self.holder, None)
                 .await?
                 .expect("an increment always takes the fence");
-            tracing::info!(epoch, "acquired advisory lock `{}`; publishing", self.lock_key());
+            tracing::info!(
+                epoch,
+                "acquired advisory lock `{}`; publishing",
+                self.lock_key()
+            );
             let lost = CancellationToken::new();
             let stop = CancellationToken::new();
             let keeper = tokio::spawn(keep_lock(conn, lost.clone(), stop.clone()));
             self.held = Some((stop, keeper));
-            Ok(Some(Leadership { epoch: Some(epoch), lost }))
+            Ok(Some(Leadership {
+                epoch: Some(epoch),
+                lost,
+            }))
         })
     }
 

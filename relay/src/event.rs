@@ -50,7 +50,10 @@ impl ClaimedEvent {
         }
         if let Some(map) = self.headers.as_object() {
             for (k, v) in map {
-                let v = v.as_str().map(str::to_owned).unwrap_or_else(|| v.to_string());
+                let v = v
+                    .as_str()
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| v.to_string());
                 out.push((k.clone(), v));
             }
         }
@@ -59,7 +62,11 @@ impl ClaimedEvent {
 
     /// A conservative size of the record on the wire, compared with `message.max.bytes`.
     pub fn record_size_estimate(&self) -> usize {
-        let headers: usize = self.kafka_headers().iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+        let headers: usize = self
+            .kafka_headers()
+            .iter()
+            .map(|(k, v)| k.len() + v.len() + 8)
+            .sum();
         self.key.len() + self.payload.len() + headers + RECORD_OVERHEAD_BYTES
     }
 

@@ -27,7 +27,11 @@ pub struct Health {
 
 impl Default for Health {
     fn default() -> Self {
-        Self { database_up: AtomicBool::new(false), broker_up: AtomicBool::new(false), role: Mutex::new(Role::Starting) }
+        Self {
+            database_up: AtomicBool::new(false),
+            broker_up: AtomicBool::new(false),
+            role: Mutex::new(Role::Starting),
+        }
     }
 }
 
@@ -65,7 +69,12 @@ impl Health {
         let database = self.database_up.load(Ordering::Relaxed);
         let broker = self.broker_up.load(Ordering::Relaxed);
         let role = self.role.lock().unwrap().clone();
-        Readiness { ready: database && broker && role == Role::Active, database, broker, role }
+        Readiness {
+            ready: database && broker && role == Role::Active,
+            database,
+            broker,
+            role,
+        }
     }
 }
 
@@ -88,6 +97,9 @@ mod tests {
         h.set_role(Role::Standby("lock held by pid 7".into()));
         let r = h.readiness();
         assert!(!r.ready);
-        assert_eq!(serde_json::to_value(&r).unwrap()["role"]["standby"], "lock held by pid 7");
+        assert_eq!(
+            serde_json::to_value(&r).unwrap()["role"]["standby"],
+            "lock held by pid 7"
+        );
     }
 }

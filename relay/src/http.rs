@@ -33,20 +33,36 @@ pub fn router(s: Surfaces) -> Router {
 
 async fn readyz(State(s): State<Surfaces>) -> impl IntoResponse {
     let r = s.health.readiness();
-    let code = if r.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if r.ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(r))
 }
 
 async fn metrics(State(s): State<Surfaces>) -> impl IntoResponse {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], s.metrics.render())
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.render(),
+    )
 }
 
 /// Binds `addr` and serves until `shutdown`. Returns the bound address (port 0 picks a free one).
-pub async fn serve(addr: SocketAddr, s: Surfaces, shutdown: CancellationToken) -> std::io::Result<SocketAddr> {
+pub async fn serve(
+    addr: SocketAddr,
+    s: Surfaces,
+    shutdown: CancellationToken,
+) -> std::io::Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     tokio::spawn(async move {
-        let _ = axum::serve(listener, router(s)).with_graceful_shutdown(shutdown.cancelled_owned()).await;
+        let _ = axum::serve(listener, router(s))
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
     });
     Ok(bound)
 }

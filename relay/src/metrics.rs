@@ -21,7 +21,9 @@ pub struct Reason {
 impl Reason {
     /// Label value `reason`.
     pub fn of(reason: impl Into<String>) -> Self {
-        Self { reason: reason.into() }
+        Self {
+            reason: reason.into(),
+        }
     }
 }
 
@@ -92,34 +94,78 @@ impl Metrics {
             broker_up: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register("pending_events", "Pending events in the outbox", m.pending.clone());
+        registry.register(
+            "pending_events",
+            "Pending events in the outbox",
+            m.pending.clone(),
+        );
         registry.register(
             "oldest_pending_age_seconds",
             "Age of the oldest pending event",
             m.oldest_pending_age_seconds.clone(),
         );
-        registry.register("retrying_events", "Pending events that failed at least once", m.retrying.clone());
+        registry.register(
+            "retrying_events",
+            "Pending events that failed at least once",
+            m.retrying.clone(),
+        );
         registry.register("dead_events", "Rows in the dead table", m.dead_rows.clone());
-        registry.register("published", "Events acknowledged by Kafka", m.published.clone());
-        registry.register("delivery_failures", "Failed deliveries by reason", m.failures.clone());
-        registry.register("retries", "Retries scheduled with backoff", m.retries.clone());
-        registry.register("dead_lettered", "Events moved to the dead table, by reason", m.dead.clone());
-        registry.register("dlq_published", "Dead events published to a DLQ topic", m.dlq_published.clone());
-        registry.register("batch_size", "Events per claimed batch", m.batch_size.clone());
+        registry.register(
+            "published",
+            "Events acknowledged by Kafka",
+            m.published.clone(),
+        );
+        registry.register(
+            "delivery_failures",
+            "Failed deliveries by reason",
+            m.failures.clone(),
+        );
+        registry.register(
+            "retries",
+            "Retries scheduled with backoff",
+            m.retries.clone(),
+        );
+        registry.register(
+            "dead_lettered",
+            "Events moved to the dead table, by reason",
+            m.dead.clone(),
+        );
+        registry.register(
+            "dlq_published",
+            "Dead events published to a DLQ topic",
+            m.dlq_published.clone(),
+        );
+        registry.register(
+            "batch_size",
+            "Events per claimed batch",
+            m.batch_size.clone(),
+        );
         registry.register(
             "commit_to_ack_seconds",
             "Time from the event's created_at to its delivery report",
             m.commit_to_ack_seconds.clone(),
         );
-        registry.register("batch_errors", "Batches that failed as a whole, by reason", m.batch_errors.clone());
+        registry.register(
+            "batch_errors",
+            "Batches that failed as a whole, by reason",
+            m.batch_errors.clone(),
+        );
         registry.register(
             "order_violations",
             "Events acknowledged after an earlier event of their key failed",
             m.order_violations.clone(),
         );
         registry.register("active", "1 while this relay may publish", m.active.clone());
-        registry.register("database_up", "1 while the database answers", m.database_up.clone());
-        registry.register("broker_up", "1 while the Kafka broker answers", m.broker_up.clone());
+        registry.register(
+            "database_up",
+            "1 while the database answers",
+            m.database_up.clone(),
+        );
+        registry.register(
+            "broker_up",
+            "1 while the Kafka broker answers",
+            m.broker_up.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -134,7 +180,8 @@ impl Metrics {
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("writing to a String cannot fail");
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String cannot fail");
         out
     }
 }

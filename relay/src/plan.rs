@@ -96,7 +96,11 @@ pub fn precheck(ev: &ClaimedEvent, max_message_bytes: usize) -> Option<(DeadReas
 /// Splits a claimed batch (in id order) into events to send and events settled without sending:
 /// `Failed{permanent}` for prechecked ones, `Withheld` for later events of a key parked in this batch.
 /// Returns one slot per event: `None` means "send it".
-pub fn prepare(batch: &[ClaimedEvent], max_message_bytes: usize, poison: PoisonPolicy) -> Vec<Option<Delivery>> {
+pub fn prepare(
+    batch: &[ClaimedEvent],
+    max_message_bytes: usize,
+    poison: PoisonPolicy,
+) -> Vec<Option<Delivery>> {
     let mut parked: HashSet<(&str, &str)> = HashSet::new();
     batch
         .iter()
@@ -108,7 +112,11 @@ pub fn prepare(batch: &[ClaimedEvent], max_message_bytes: usize, poison: PoisonP
             if poison == PoisonPolicy::ParkKey {
                 parked.insert((ev.topic.as_str(), ev.key.as_str()));
             }
-            Some(Delivery::Failed { error, code: reason.as_str().into(), permanent: Some(reason) })
+            Some(Delivery::Failed {
+                error,
+                code: reason.as_str().into(),
+                permanent: Some(reason),
+            })
         })
         .collect()
 }
@@ -117,7 +125,10 @@ pub fn prepare(batch: &[ClaimedEvent], max_message_bytes: usize, poison: PoisonP
 /// out but never come back sooner than half the nominal delay. `unit` is a random number in [0, 1).
 pub fn backoff(attempts_so_far: i32, policy: &RetryPolicy, unit: f64) -> Duration {
     let exp = attempts_so_far.clamp(0, 30) as u32;
-    let nominal = policy.backoff_base.saturating_mul(1u32 << exp.min(20)).min(policy.backoff_max);
+    let nominal = policy
+        .backoff_base
+        .saturating_mul(1u32 << exp.min(20))
+        .min(policy.backoff_max);
     nominal / 2 + nominal.mul_f64(unit.clamp(0.0, 1.0) / 2.0)
 }
 
@@ -183,13 +194,20 @@ pub fn settle(
                 if failed_keys.contains(&key) {
                     plan.order_violations += 1;
                 }
-                plan.actions.push(Settle::Delivered { id: ev.id, partition: *partition, offset: *offset });
+                plan.actions.push(Settle::Delivered {
+                    id: ev.id,
+                    partition: *partition,
+                    offset: *offset,
+                });
             }
             Delivery::Withheld => {}
-            Delivery::Failed { error, permanent, .. } => {
+            Delivery::Failed {
+                error, permanent, ..
+            } => {
                 failed_keys.insert(key);
                 let attempts = ev.attempts + 1;
-                let dead = permanent.or((attempts >= policy.max_attempts).then_some(DeadReason::MaxAttempts));
+                let dead = permanent
+                    .or((attempts >= policy.max_attempts).then_some(DeadReason::MaxAttempts));
                 plan.actions.push(match dead {
                     Some(reason) => Settle::Dead {
                         id: ev.id,
@@ -197,7 +215,11 @@ pub fn settle(
                         error: error.clone(),
                         parked: policy.poison == PoisonPolicy::ParkKey,
                     },
-                    None => Settle::Retry { id: ev.id, delay: backoff(ev.attempts, policy, jitter()), error: error.clone() },
+                    None => Settle::Retry {
+                        id: ev.id,
+                        delay: backoff(ev.attempts, policy, jitter()),
+                        error: error.clone(),
+                    },
                 });
             }
         }
@@ -224,10 +246,21 @@ mod tests {
 
     #[test]
     fn oversized_event_parks_its_key_only() {
-        let batch = vec![ev(1, "a", 10), ev(2, "b", 2000), ev(3, "b", 10), ev(4, "a", 10)];
+        let batch = vec![
+            ev(1, "a", 10),
+            ev(2, "b", 2000),
+            ev(3, "b", 10),
+            ev(4, "a", 10),
+        ];
         let slots = prepare(&batch, 1000, PoisonPolicy::ParkKey);
         assert_eq!(slots[0], None);
-        assert!(matches!(slots[1], Some(Delivery::Failed { permanent: Some(DeadReason::TooLarge), .. })));
+        assert!(matches!(
+            slots[1],
+            Some(Delivery::Failed {
+                permanent: Some(DeadReason::TooLarge),
+                ..
+            })
+        ));
         assert_eq!(slots[2], Some(Delivery::Withheld));
         assert_eq!(slots[3], None);
     }
@@ -245,7 +278,9 @@ mod tests {
         let mut bad = ev(1, "a", 1);
         bad.topic = "no spaces".into();
         let slots = prepare(&[bad], 1000, PoisonPolicy::ParkKey);
-        assert!(matches!(&slots[0], Some(Delivery::Failed { permanent: Some(DeadReason::InvalidTopic), error, .. }) if error.contains("illegal character")));
+        assert!(
+            matches!(&slots[0], Some(Delivery::Failed { permanent: Some(DeadReason::InvalidTopic), error, .. }) if error.contains("illegal character"))
+        );
     }
 
     #[test]
@@ -264,33 +299,82 @@ mod tests {
         let mut e2 = ev(2, "b", 1);
         e1.attempts = 0;
         e2.attempts = 2;
-        let failed = Delivery::Failed { error: "timed out".into(), code: "c".into(), permanent: None };
-        let plan = settle(&[e1, e2], &[failed.clone(), failed], &policy(PoisonPolicy::ParkKey), || 0.0);
-        assert!(matches!(&plan.actions[0], Settle::Retry { id: 1, delay, .. } if *delay == Duration::from_millis(50)));
-        assert!(matches!(&plan.actions[1], Settle::Dead { id: 2, reason: DeadReason::MaxAttempts, parked: true, .. }));
+        let failed = Delivery::Failed {
+            error: "timed out".into(),
+            code: "c".into(),
+            permanent: None,
+        };
+        let plan = settle(
+            &[e1, e2],
+            &[failed.clone(), failed],
+            &policy(PoisonPolicy::ParkKey),
+            || 0.0,
+        );
+        assert!(
+            matches!(&plan.actions[0], Settle::Retry { id: 1, delay, .. } if *delay == Duration::from_millis(50))
+        );
+        assert!(matches!(
+            &plan.actions[1],
+            Settle::Dead {
+                id: 2,
+                reason: DeadReason::MaxAttempts,
+                parked: true,
+                ..
+            }
+        ));
     }
 
     #[test]
     fn acked_after_failure_of_same_key_is_counted_as_order_violation() {
         let batch = vec![ev(1, "a", 1), ev(2, "a", 1), ev(3, "b", 1)];
         let deliveries = vec![
-            Delivery::Failed { error: "x".into(), code: "c".into(), permanent: None },
-            Delivery::Acked { partition: 0, offset: 7 },
-            Delivery::Acked { partition: 1, offset: 8 },
+            Delivery::Failed {
+                error: "x".into(),
+                code: "c".into(),
+                permanent: None,
+            },
+            Delivery::Acked {
+                partition: 0,
+                offset: 7,
+            },
+            Delivery::Acked {
+                partition: 1,
+                offset: 8,
+            },
         ];
         let plan = settle(&batch, &deliveries, &policy(PoisonPolicy::ParkKey), || 0.5);
         assert_eq!(plan.order_violations, 1);
         assert_eq!(plan.actions.len(), 3);
-        assert_eq!(plan.actions[2], Settle::Delivered { id: 3, partition: 1, offset: 8 });
+        assert_eq!(
+            plan.actions[2],
+            Settle::Delivered {
+                id: 3,
+                partition: 1,
+                offset: 8
+            }
+        );
     }
 
     #[test]
     fn withheld_events_stay_untouched_and_permanent_skip_is_not_parked() {
         let batch = vec![ev(1, "a", 1), ev(2, "a", 1)];
-        let deliveries =
-            vec![Delivery::Failed { error: "big".into(), code: "c".into(), permanent: Some(DeadReason::TooLarge) }, Delivery::Withheld];
+        let deliveries = vec![
+            Delivery::Failed {
+                error: "big".into(),
+                code: "c".into(),
+                permanent: Some(DeadReason::TooLarge),
+            },
+            Delivery::Withheld,
+        ];
         let plan = settle(&batch, &deliveries, &policy(PoisonPolicy::Skip), || 0.0);
         assert_eq!(plan.actions.len(), 1);
-        assert!(matches!(plan.actions[0], Settle::Dead { parked: false, reason: DeadReason::TooLarge, .. }));
+        assert!(matches!(
+            plan.actions[0],
+            Settle::Dead {
+                parked: false,
+                reason: DeadReason::TooLarge,
+                ..
+            }
+        ));
     }
 }

@@ -53,7 +53,10 @@ impl KafkaSettings {
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("partitioner", "murmur2_random")
-            .set("message.timeout.ms", self.delivery_timeout.as_millis().to_string())
+            .set(
+                "message.timeout.ms",
+                self.delivery_timeout.as_millis().to_string(),
+            )
             .set("linger.ms", self.linger.as_millis().to_string())
             .set("message.max.bytes", self.max_message_bytes.to_string())
             .set("queue.buffering.max.messages", "200000");
@@ -81,9 +84,13 @@ impl ClientContext for RelayContext {
 /// Sorts a delivery error into a metrics label and, when retrying cannot help, a dead-letter reason.
 pub fn classify(err: &KafkaError) -> (String, Option<DeadReason>) {
     use RDKafkaErrorCode as C;
-    let Some(code) = err.rdkafka_error_code() else { return ("client".into(), None) };
+    let Some(code) = err.rdkafka_error_code() else {
+        return ("client".into(), None);
+    };
     let permanent = match code {
-        C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidRecord => Some(DeadReason::TooLarge),
+        C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidRecord => {
+            Some(DeadReason::TooLarge)
+        }
         C::InvalidTopic => Some(DeadReason::InvalidTopic),
         C::InvalidMessage | C::UnsupportedForMessageFormat => Some(DeadReason::Rejected),
         _ => None,
@@ -106,7 +113,9 @@ pub type Outcome = (Delivery, DateTime<Utc>);
 impl Producer {
     /// Creates the producer (no network IO yet).
     pub fn new(settings: KafkaSettings, health: Arc<Health>) -> Result<Self, KafkaError> {
-        let inner = settings.client_config().create_with_context(RelayContext { health })?;
+        let inner = settings
+            .client_config()
+            .create_with_context(RelayContext { health })?;
         Ok(Self {
             inner,
             settings,
@@ -133,14 +142,20 @@ impl Producer {
         let p = self.inner.clone();
         let t = topic.to_owned();
         let n = tokio::task::spawn_blocking(move || {
-            let md = p.client().fetch_metadata(Some(&t), Duration::from_secs(5)).ok()?;
+            let md = p
+                .client()
+                .fetch_metadata(Some(&t), Duration::from_secs(5))
+                .ok()?;
             let n = md.topics().first().map(|t| t.partitions().len() as i32)?;
             (n > 0).then_some(n)
         })
         .await
         .ok()
         .flatten()?;
-        self.partition_counts.lock().unwrap().insert(topic.to_owned(), (n, Instant::now()));
+        self.partition_counts
+            .lock()
+            .unwrap()
+            .insert(topic.to_owned(), (n, Instant::now()));
         Some(n)
     }
 
@@ -161,7 +176,11 @@ impl Producer {
 
     /// Sends every event whose slot is `None`, then awaits all delivery reports. Returns one outcome per
     /// event: pre-decided slots are passed through.
-    pub async fn send_all(&self, batch: &[ClaimedEvent], slots: Vec<Option<Delivery>>) -> Vec<Outcome> {
+    pub async fn send_all(
+        &self,
+        batch: &[ClaimedEvent],
+        slots: Vec<Option<Delivery>>,
+    ) -> Vec<Outcome> {
         let mut pending = Vec::with_capacity(batch.len());
         for (ev, slot) in batch.iter().zip(slots) {
             if let Some(decided) = slot {
@@ -169,13 +188,19 @@ impl Producer {
                 continue;
             }
             let partition = self.explicit_partition(ev).await;
-            pending.push(self.enqueue(&ev.topic, ev, partition, &ev.payload, &ev.kafka_headers()).await);
+            pending.push(
+                self.enqueue(&ev.topic, ev, partition, &ev.payload, &ev.kafka_headers())
+                    .await,
+            );
         }
         let waits = pending.into_iter().map(|p| async move {
             let delivery = match p {
                 Err(decided) => decided,
                 Ok(fut) => match fut.await {
-                    Ok(Ok(d)) => Delivery::Acked { partition: d.partition, offset: d.offset },
+                    Ok(Ok(d)) => Delivery::Acked {
+                        partition: d.partition,
+                        offset: d.offset,
+                    },
                     Ok(Err((e, _))) => failed(&e),
                     Err(_) => dropped_report(),
                 },
@@ -196,7 +221,10 @@ impl Producer {
     ) -> Result<rdkafka::producer::DeliveryFuture, Delivery> {
         let mut kafka_headers = OwnedHeaders::new_with_capacity(headers.len());
         for (k, v) in headers {
-            kafka_headers = kafka_headers.insert(Header { key: k, value: Some(v.as_bytes()) });
+            kafka_headers = kafka_headers.insert(Header {
+                key: k,
+                value: Some(v.as_bytes()),
+            });
         }
         let mut record = FutureRecord::to(topic)
             .key(ev.key.as_bytes())
@@ -218,7 +246,12 @@ impl Producer {
 
     /// Publishes a dead event to `<topic>.dlq` with error headers; the payload is left out when it was
     /// the reason (too large).
-    pub async fn send_dlq(&self, ev: &ClaimedEvent, reason: DeadReason, error: &str) -> Result<(), String> {
+    pub async fn send_dlq(
+        &self,
+        ev: &ClaimedEvent,
+        reason: DeadReason,
+        error: &str,
+    ) -> Result<(), String> {
         let topic = format!("{}.dlq", ev.topic);
         outbox::validate::topic(&topic).map_err(|e| e.to_string())?;
         let mut headers = ev.kafka_headers();
@@ -226,7 +259,11 @@ impl Producer {
         headers.push(("outbox.error".into(), error.into()));
         headers.push(("outbox.attempts".into(), (ev.attempts + 1).to_string()));
         headers.push(("outbox.original_topic".into(), ev.topic.clone()));
-        let payload: &[u8] = if reason == DeadReason::TooLarge { &[] } else { &ev.payload };
+        let payload: &[u8] = if reason == DeadReason::TooLarge {
+            &[]
+        } else {
+            &ev.payload
+        };
         match self.enqueue(&topic, ev, None, payload, &headers).await {
             Ok(fut) => match fut.await {
                 Ok(Ok(_)) => Ok(()),
@@ -239,12 +276,20 @@ impl Producer {
     }
 
     /// Sends a record to an arbitrary topic (replay), keeping key, headers and timestamp.
-    pub async fn send_to(&self, topic: &str, ev: &ClaimedEvent, extra: &[(String, String)]) -> Delivery {
+    pub async fn send_to(
+        &self,
+        topic: &str,
+        ev: &ClaimedEvent,
+        extra: &[(String, String)],
+    ) -> Delivery {
         let mut headers = ev.kafka_headers();
         headers.extend_from_slice(extra);
         match self.enqueue(topic, ev, None, &ev.payload, &headers).await {
             Ok(fut) => match fut.await {
-                Ok(Ok(d)) => Delivery::Acked { partition: d.partition, offset: d.offset },
+                Ok(Ok(d)) => Delivery::Acked {
+                    partition: d.partition,
+                    offset: d.offset,
+                },
                 Ok(Err((e, _))) => failed(&e),
                 Err(_) => dropped_report(),
             },
@@ -260,11 +305,19 @@ impl Producer {
 
 fn failed(e: &KafkaError) -> Delivery {
     let (code, permanent) = classify(e);
-    Delivery::Failed { error: e.to_string(), code, permanent }
+    Delivery::Failed {
+        error: e.to_string(),
+        code,
+        permanent,
+    }
 }
 
 fn dropped_report() -> Delivery {
-    Delivery::Failed { error: "producer dropped the delivery report".into(), code: "dropped".into(), permanent: None }
+    Delivery::Failed {
+        error: "producer dropped the delivery report".into(),
+        code: "dropped".into(),
+        permanent: None,
+    }
 }
 
 /// The Java client's default partition for a key: `toPositive(murmur2(key)) % partitions`.
@@ -288,9 +341,17 @@ mod tests {
             (b"abc", 479470107),
         ];
         for (key, want) in cases {
-            assert_eq!(murmur2::murmur2(key, murmur2::KAFKA_SEED) as i32, want, "{}", String::from_utf8_lossy(key));
+            assert_eq!(
+                murmur2::murmur2(key, murmur2::KAFKA_SEED) as i32,
+                want,
+                "{}",
+                String::from_utf8_lossy(key)
+            );
         }
-        assert_eq!(java_partition(b"21", 10), ((-973932308i32 as u32 & 0x7fff_ffff) % 10) as i32);
+        assert_eq!(
+            java_partition(b"21", 10),
+            ((-973932308i32 as u32 & 0x7fff_ffff) % 10) as i32
+        );
     }
 
     #[test]

@@ -64,9 +64,22 @@ pub struct Relay {
 
 impl Relay {
     /// Builds a relay; nothing runs until [`Relay::run`].
-    pub fn new(cfg: RelayConfig, pool: PgPool, producer: Producer, metrics: Arc<Metrics>, health: Arc<Health>) -> Self {
+    pub fn new(
+        cfg: RelayConfig,
+        pool: PgPool,
+        producer: Producer,
+        metrics: Arc<Metrics>,
+        health: Arc<Health>,
+    ) -> Self {
         let store = Store::new(cfg.schema.clone());
-        Self { cfg, pool, store, producer, metrics, health }
+        Self {
+            cfg,
+            pool,
+            store,
+            producer,
+            metrics,
+            health,
+        }
     }
 
     /// The SQL store (for tools and tests).
@@ -76,15 +89,22 @@ impl Relay {
 
     /// Publishes until `shutdown`: acquire leadership, loop over batches until it is lost, release, repeat.
     /// On shutdown the in-flight batch is finished before returning.
-    pub async fn run(&self, coordinator: &mut dyn Coordinator, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn run(
+        &self,
+        coordinator: &mut dyn Coordinator,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<()> {
         loop {
-            let Some(leadership) = coordinator.acquire(&shutdown).await? else { break };
+            let Some(leadership) = coordinator.acquire(&shutdown).await? else {
+                break;
+            };
             self.health.set_role(Role::Active);
             self.metrics.active.set(1);
             self.maintain_archive().await;
             self.publish_while(&leadership, &shutdown).await;
             self.metrics.active.set(0);
-            self.health.set_role(Role::Standby("leadership released".into()));
+            self.health
+                .set_role(Role::Standby("leadership released".into()));
             coordinator.release().await;
             if shutdown.is_cancelled() {
                 break;
@@ -97,7 +117,8 @@ impl Relay {
 
     async fn maintain_archive(&self) {
         if let Retention::Archive { ttl_days } = self.cfg.retention {
-            if let Err(e) = retention::maintain(&self.pool, &self.cfg.schema, ttl_days, None).await {
+            if let Err(e) = retention::maintain(&self.pool, &self.cfg.schema, ttl_days, None).await
+            {
                 tracing::warn!("archive maintenance failed: {e}");
             }
         }
@@ -125,14 +146,21 @@ impl Relay {
                 }
                 Err(StoreError::Fenced(f)) => {
                     tracing::error!("{f}; stopping publishing");
-                    self.metrics.batch_errors.get_or_create(&Reason::of("fenced")).inc();
+                    self.metrics
+                        .batch_errors
+                        .get_or_create(&Reason::of("fenced"))
+                        .inc();
                     leadership.lost.cancel();
                     return;
                 }
                 Err(StoreError::Db(e)) => {
                     errors += 1;
-                    self.metrics.batch_errors.get_or_create(&Reason::of("database")).inc();
-                    let wait = Duration::from_millis(100 * 2u64.pow(errors.min(6))).min(Duration::from_secs(5));
+                    self.metrics
+                        .batch_errors
+                        .get_or_create(&Reason::of("database"))
+                        .inc();
+                    let wait = Duration::from_millis(100 * 2u64.pow(errors.min(6)))
+                        .min(Duration::from_secs(5));
                     tracing::warn!("batch failed (database: {e}); retrying in {wait:?}");
                     if is_missing_partition(&e) {
                         self.maintain_archive().await;
@@ -164,7 +192,9 @@ impl Relay {
     pub async fn run_batch(&self, epoch: Option<i64>) -> Result<BatchReport, StoreError> {
         let mut tx = self.pool.begin().await?;
         if let Some(epoch) = epoch {
-            self.store.check_fence(&mut tx, &self.cfg.fence_scope, epoch).await?;
+            self.store
+                .check_fence(&mut tx, &self.cfg.fence_scope, epoch)
+                .await?;
         }
         let batch = self.store.claim(&mut tx, self.cfg.batch_size).await?;
         if batch.is_empty() {
@@ -176,15 +206,22 @@ impl Relay {
         let outcomes = self.producer.send_all(&batch, slots).await;
         let deliveries: Vec<_> = outcomes.iter().map(|(d, _)| d.clone()).collect();
         let settle_plan = plan::settle(&batch, &deliveries, &self.cfg.retry, rand::random::<f64>);
-        let mut report = BatchReport { claimed: batch.len(), ..Default::default() };
+        let mut report = BatchReport {
+            claimed: batch.len(),
+            ..Default::default()
+        };
         for (ev, (delivery, at)) in batch.iter().zip(&outcomes) {
             match delivery {
                 plan::Delivery::Acked { .. } => {
-                    let secs = (*at - ev.created_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
+                    let secs =
+                        (*at - ev.created_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
                     self.metrics.commit_to_ack_seconds.observe(secs);
                 }
                 plan::Delivery::Failed { code, .. } => {
-                    self.metrics.failures.get_or_create(&Reason::of(code.clone())).inc();
+                    self.metrics
+                        .failures
+                        .get_or_create(&Reason::of(code.clone()))
+                        .inc();
                 }
                 plan::Delivery::Withheld => {}
             }
@@ -193,33 +230,50 @@ impl Relay {
             match action {
                 Settle::Delivered { .. } => report.delivered += 1,
                 Settle::Retry { .. } => report.retried += 1,
-                Settle::Dead { id, reason, error, .. } => {
+                Settle::Dead {
+                    id, reason, error, ..
+                } => {
                     report.dead += 1;
-                    let ev = batch.iter().find(|e| e.id == *id).expect("dead event is in the batch");
+                    let ev = batch
+                        .iter()
+                        .find(|e| e.id == *id)
+                        .expect("dead event is in the batch");
                     tracing::warn!(event_id = %ev.event_id, topic = %ev.topic, key = %ev.key, reason = reason.as_str(), "dead-lettered: {error}");
                     if self.cfg.dlq {
                         match self.producer.send_dlq(ev, *reason, error).await {
                             Ok(()) => {
                                 self.metrics.dlq_published.inc();
                             }
-                            Err(e) => tracing::warn!(event_id = %ev.event_id, "DLQ publish failed (the dead row is kept): {e}"),
+                            Err(e) => {
+                                tracing::warn!(event_id = %ev.event_id, "DLQ publish failed (the dead row is kept): {e}")
+                            }
                         };
                     }
                 }
             }
         }
-        self.store.settle(&mut tx, &settle_plan.actions, self.cfg.retention).await?;
+        self.store
+            .settle(&mut tx, &settle_plan.actions, self.cfg.retention)
+            .await?;
         tx.commit().await?;
         self.metrics.published.inc_by(report.delivered as u64);
         self.metrics.retries.inc_by(report.retried as u64);
         for action in &settle_plan.actions {
             if let Settle::Dead { reason, .. } = action {
-                self.metrics.dead.get_or_create(&Reason::of(reason.as_str())).inc();
+                self.metrics
+                    .dead
+                    .get_or_create(&Reason::of(reason.as_str()))
+                    .inc();
             }
         }
         if settle_plan.order_violations > 0 {
-            tracing::error!(count = settle_plan.order_violations, "events acknowledged after an earlier event of their key failed");
-            self.metrics.order_violations.inc_by(settle_plan.order_violations as u64);
+            tracing::error!(
+                count = settle_plan.order_violations,
+                "events acknowledged after an earlier event of their key failed"
+            );
+            self.metrics
+                .order_violations
+                .inc_by(settle_plan.order_violations as u64);
         }
         Ok(report)
     }
@@ -230,7 +284,11 @@ impl Relay {
         tokio::spawn(async move {
             let mut last_backlog = Instant::now() - Duration::from_secs(60);
             while !shutdown.is_cancelled() {
-                let db = tokio::time::timeout(Duration::from_secs(2), sqlx::query("SELECT 1").execute(&me.pool)).await;
+                let db = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    sqlx::query("SELECT 1").execute(&me.pool),
+                )
+                .await;
                 let db_up = matches!(db, Ok(Ok(_)));
                 me.health.set_database(db_up);
                 me.metrics.database_up.set(db_up as i64);
@@ -255,7 +313,9 @@ impl Relay {
 /// Waits for a NOTIFY (draining any others already buffered). `false` when the listener is gone;
 /// never resolves when there is none, so the poll interval decides.
 async fn next_notification(listener: &mut Option<PgListener>) -> bool {
-    let Some(l) = listener else { return std::future::pending().await };
+    let Some(l) = listener else {
+        return std::future::pending().await;
+    };
     match l.recv().await {
         Ok(_) => {
             while l.next_buffered().is_some() {}
@@ -266,7 +326,9 @@ async fn next_notification(listener: &mut Option<PgListener>) -> bool {
 }
 
 fn is_missing_partition(e: &sqlx::Error) -> bool {
-    e.as_database_error().and_then(|d| d.code()).is_some_and(|c| c == "23514")
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|c| c == "23514")
 }
 
 /// Waits until the database answers, logging one line per failed attempt with growing backoff.
@@ -286,7 +348,11 @@ pub async fn wait_for_broker(producer: &Producer, shutdown: &CancellationToken) 
     retry_until("kafka", shutdown, || producer.probe(Duration::from_secs(3))).await
 }
 
-async fn retry_until<F, Fut, E>(what: &str, shutdown: &CancellationToken, mut attempt_once: F) -> bool
+async fn retry_until<F, Fut, E>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut attempt_once: F,
+) -> bool
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<(), E>>,
@@ -294,9 +360,12 @@ where
 {
     let mut attempt = 0u32;
     loop {
-        let Err(e) = attempt_once().await else { return true };
+        let Err(e) = attempt_once().await else {
+            return true;
+        };
         attempt += 1;
-        let wait = Duration::from_millis(500 * 2u64.pow((attempt - 1).min(6))).min(Duration::from_secs(30));
+        let wait = Duration::from_millis(500 * 2u64.pow((attempt - 1).min(6)))
+            .min(Duration::from_secs(30));
         tracing::warn!("{what} unreachable (attempt {attempt}): {e}; retrying in {wait:?}");
         tokio::select! {
             _ = shutdown.cancelled() => return false,

@@ -44,10 +44,19 @@ pub fn plan(today: NaiveDate, ttl_days: u32, existing: &[String]) -> PartitionPl
 }
 
 /// Creates missing partitions and drops expired ones. `today` defaults to the database's UTC date.
-pub async fn maintain(pool: &PgPool, schema: &SchemaName, ttl_days: u32, today: Option<NaiveDate>) -> Result<PartitionPlan, sqlx::Error> {
+pub async fn maintain(
+    pool: &PgPool,
+    schema: &SchemaName,
+    ttl_days: u32,
+    today: Option<NaiveDate>,
+) -> Result<PartitionPlan, sqlx::Error> {
     let today = match today {
         Some(d) => d,
-        None => sqlx::query_scalar("SELECT (now() AT TIME ZONE 'UTC')::date").fetch_one(pool).await?,
+        None => {
+            sqlx::query_scalar("SELECT (now() AT TIME ZONE 'UTC')::date")
+                .fetch_one(pool)
+                .await?
+        }
     };
     let existing = partitions(pool, schema).await?;
     let p = plan(today, ttl_days, &existing);
@@ -62,7 +71,9 @@ pub async fn maintain(pool: &PgPool, schema: &SchemaName, ttl_days: u32, today: 
         .await?;
     }
     for name in &p.drop {
-        sqlx::query(&format!("DROP TABLE IF EXISTS {}", schema.table(name))).execute(pool).await?;
+        sqlx::query(&format!("DROP TABLE IF EXISTS {}", schema.table(name)))
+            .execute(pool)
+            .await?;
         tracing::info!("dropped expired archive partition {name}");
     }
     Ok(p)
@@ -90,19 +101,31 @@ mod tests {
 
     #[test]
     fn creates_ahead_and_drops_only_fully_expired_days() {
-        let existing: Vec<String> =
-            ["archive_p20261110", "archive_p20261115", "archive_p20261116", "archive_p20261123", "other"]
-                .map(String::from)
-                .to_vec();
+        let existing: Vec<String> = [
+            "archive_p20261110",
+            "archive_p20261115",
+            "archive_p20261116",
+            "archive_p20261123",
+            "other",
+        ]
+        .map(String::from)
+        .to_vec();
         let p = plan(d("2026-11-23"), 7, &existing);
         // cutoff 2026-11-16: the 15th ends exactly at the cutoff and goes; the 16th still holds young rows.
         assert_eq!(p.drop, vec!["archive_p20261110", "archive_p20261115"]);
-        assert_eq!(p.create, vec![d("2026-11-24"), d("2026-11-25"), d("2026-11-26")]);
+        assert_eq!(
+            p.create,
+            vec![d("2026-11-24"), d("2026-11-25"), d("2026-11-26")]
+        );
     }
 
     #[test]
     fn zero_ttl_keeps_today() {
-        let p = plan(d("2026-01-01"), 0, &["archive_p20251231".into(), "archive_p20260101".into()]);
+        let p = plan(
+            d("2026-01-01"),
+            0,
+            &["archive_p20251231".into(), "archive_p20260101".into()],
+        );
         assert_eq!(p.drop, vec!["archive_p20251231"]);
         assert_eq!(p.create.len(), AHEAD_DAYS as usize);
     }

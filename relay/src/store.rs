@@ -118,27 +118,56 @@ impl Store {
     }
 
     /// Verifies that `epoch` still holds the fence of `scope`, locking the row for this transaction.
-    pub async fn check_fence(&self, tx: &mut Transaction<'_, Postgres>, scope: &str, epoch: i64) -> Result<(), StoreError> {
-        let current: Option<i64> = sqlx::query_scalar(&self.fence_check_sql).bind(scope).fetch_optional(&mut **tx).await?;
+    pub async fn check_fence(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        scope: &str,
+        epoch: i64,
+    ) -> Result<(), StoreError> {
+        let current: Option<i64> = sqlx::query_scalar(&self.fence_check_sql)
+            .bind(scope)
+            .fetch_optional(&mut **tx)
+            .await?;
         if current != Some(epoch) {
-            return Err(Fenced { scope: scope.into(), mine: epoch, current }.into());
+            return Err(Fenced {
+                scope: scope.into(),
+                mine: epoch,
+                current,
+            }
+            .into());
         }
         Ok(())
     }
 
     /// Claims up to `limit` due events in id order, locking them.
-    pub async fn claim(&self, tx: &mut Transaction<'_, Postgres>, limit: i64) -> Result<Vec<ClaimedEvent>, StoreError> {
-        Ok(sqlx::query_as(&self.claim_sql).bind(limit).fetch_all(&mut **tx).await?)
+    pub async fn claim(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        limit: i64,
+    ) -> Result<Vec<ClaimedEvent>, StoreError> {
+        Ok(sqlx::query_as(&self.claim_sql)
+            .bind(limit)
+            .fetch_all(&mut **tx)
+            .await?)
     }
 
     /// Applies a settle plan in the claim transaction.
-    pub async fn settle(&self, tx: &mut Transaction<'_, Postgres>, actions: &[Settle], retention: Retention) -> Result<(), StoreError> {
+    pub async fn settle(
+        &self,
+        tx: &mut Transaction<'_, Postgres>,
+        actions: &[Settle],
+        retention: Retention,
+    ) -> Result<(), StoreError> {
         let (mut ids, mut parts, mut offs) = (vec![], vec![], vec![]);
         let (mut r_ids, mut r_delays, mut r_errs) = (vec![], vec![], vec![]);
         let (mut d_ids, mut d_reasons, mut d_errs, mut d_parked) = (vec![], vec![], vec![], vec![]);
         for a in actions {
             match a {
-                Settle::Delivered { id, partition, offset } => {
+                Settle::Delivered {
+                    id,
+                    partition,
+                    offset,
+                } => {
                     ids.push(*id);
                     parts.push(*partition);
                     offs.push(*offset);
@@ -148,7 +177,12 @@ impl Store {
                     r_delays.push(delay.as_millis() as i64);
                     r_errs.push(error.clone());
                 }
-                Settle::Dead { id, reason, error, parked } => {
+                Settle::Dead {
+                    id,
+                    reason,
+                    error,
+                    parked,
+                } => {
                     d_ids.push(*id);
                     d_reasons.push(reason.as_str().to_owned());
                     d_errs.push(error.clone());
@@ -158,14 +192,29 @@ impl Store {
         }
         if !ids.is_empty() {
             match retention {
-                Retention::Delete => sqlx::query(&self.delete_sql).bind(&ids).execute(&mut **tx).await?,
+                Retention::Delete => {
+                    sqlx::query(&self.delete_sql)
+                        .bind(&ids)
+                        .execute(&mut **tx)
+                        .await?
+                }
                 Retention::Archive { .. } => {
-                    sqlx::query(&self.archive_sql).bind(&ids).bind(&parts).bind(&offs).execute(&mut **tx).await?
+                    sqlx::query(&self.archive_sql)
+                        .bind(&ids)
+                        .bind(&parts)
+                        .bind(&offs)
+                        .execute(&mut **tx)
+                        .await?
                 }
             };
         }
         if !r_ids.is_empty() {
-            sqlx::query(&self.retry_sql).bind(&r_ids).bind(&r_delays).bind(&r_errs).execute(&mut **tx).await?;
+            sqlx::query(&self.retry_sql)
+                .bind(&r_ids)
+                .bind(&r_delays)
+                .bind(&r_errs)
+                .execute(&mut **tx)
+                .await?;
         }
         if !d_ids.is_empty() {
             sqlx::query(&self.dead_sql)
@@ -187,14 +236,30 @@ impl Store {
         ))
         .fetch_one(pool)
         .await?;
-        let dead: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM {}", self.schema.table("dead"))).fetch_one(pool).await?;
-        Ok(Backlog { pending, oldest_age_seconds: age.unwrap_or(0.0).max(0.0), retrying, dead })
+        let dead: i64 = sqlx::query_scalar(&format!(
+            "SELECT count(*) FROM {}",
+            self.schema.table("dead")
+        ))
+        .fetch_one(pool)
+        .await?;
+        Ok(Backlog {
+            pending,
+            oldest_age_seconds: age.unwrap_or(0.0).max(0.0),
+            retrying,
+            dead,
+        })
     }
 
     /// Takes the fence of `scope` for `holder`: with `Some(epoch)` sets it to that epoch (it must be newer
     /// than the stored one), with `None` increments it. Returns the epoch now held, or `None` when the
     /// stored epoch is already newer (another holder won).
-    pub async fn take_fence(&self, pool: &PgPool, scope: &str, holder: &str, epoch: Option<i64>) -> Result<Option<i64>, sqlx::Error> {
+    pub async fn take_fence(
+        &self,
+        pool: &PgPool,
+        scope: &str,
+        holder: &str,
+        epoch: Option<i64>,
+    ) -> Result<Option<i64>, sqlx::Error> {
         let fence = self.schema.table("fence");
         let sql = format!(
             "INSERT INTO {fence} AS f (scope, epoch, holder) VALUES ($1, COALESCE($3, 1), $2) \
@@ -203,8 +268,15 @@ impl Store {
         );
         // Bounded wait: a paused old holder's open claim transaction keeps the row share-locked.
         let mut tx = pool.begin().await?;
-        sqlx::query("SET LOCAL lock_timeout = '30s'").execute(&mut *tx).await?;
-        let got: Option<i64> = sqlx::query_scalar(&sql).bind(scope).bind(holder).bind(epoch).fetch_optional(&mut *tx).await?;
+        sqlx::query("SET LOCAL lock_timeout = '30s'")
+            .execute(&mut *tx)
+            .await?;
+        let got: Option<i64> = sqlx::query_scalar(&sql)
+            .bind(scope)
+            .bind(holder)
+            .bind(epoch)
+            .fetch_optional(&mut *tx)
+            .await?;
         tx.commit().await?;
         Ok(got)
     }

@@ -33,14 +33,22 @@ fn replay_where() -> &'static str {
 }
 
 /// Counts the archived events a replay would send.
-pub async fn replay_count(pool: &PgPool, schema: &SchemaName, f: &ReplayFilter) -> Result<i64, sqlx::Error> {
-    sqlx::query_scalar(&format!("SELECT count(*) FROM {} WHERE {}", schema.table("archive"), replay_where()))
-        .bind(f.since)
-        .bind(f.until)
-        .bind(&f.key)
-        .bind(&f.topic)
-        .fetch_one(pool)
-        .await
+pub async fn replay_count(
+    pool: &PgPool,
+    schema: &SchemaName,
+    f: &ReplayFilter,
+) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar(&format!(
+        "SELECT count(*) FROM {} WHERE {}",
+        schema.table("archive"),
+        replay_where()
+    ))
+    .bind(f.since)
+    .bind(f.until)
+    .bind(&f.key)
+    .bind(&f.topic)
+    .fetch_one(pool)
+    .await
 }
 
 /// Outcome of a replay.
@@ -84,7 +92,9 @@ pub async fn replay(
             .await?;
         let Some(last) = page.last() else { break };
         after = last.id;
-        let sends = page.iter().map(|ev| producer.send_to(to_topic.unwrap_or(&ev.topic), ev, &extra));
+        let sends = page
+            .iter()
+            .map(|ev| producer.send_to(to_topic.unwrap_or(&ev.topic), ev, &extra));
         for d in futures::future::join_all(sends).await {
             match d {
                 Delivery::Acked { .. } => report.sent += 1,
@@ -140,7 +150,12 @@ impl DeadSelector {
 }
 
 /// Lists dead events, oldest first.
-pub async fn dead_list(pool: &PgPool, schema: &SchemaName, sel: &DeadSelector, limit: i64) -> Result<Vec<DeadRow>, sqlx::Error> {
+pub async fn dead_list(
+    pool: &PgPool,
+    schema: &SchemaName,
+    sel: &DeadSelector,
+    limit: i64,
+) -> Result<Vec<DeadRow>, sqlx::Error> {
     sqlx::query_as(&format!(
         "SELECT id, event_id, topic, key, reason, error, attempts, parked, failed_at FROM {} WHERE {} ORDER BY id LIMIT $4",
         schema.table("dead"),
@@ -156,7 +171,11 @@ pub async fn dead_list(pool: &PgPool, schema: &SchemaName, sel: &DeadSelector, l
 
 /// Moves selected dead events back into `events` with their original ids (so they go before later events
 /// of their key), attempts reset. Their keys unpark. Returns how many moved.
-pub async fn dead_redrive(pool: &PgPool, schema: &SchemaName, sel: &DeadSelector) -> Result<u64, sqlx::Error> {
+pub async fn dead_redrive(
+    pool: &PgPool,
+    schema: &SchemaName,
+    sel: &DeadSelector,
+) -> Result<u64, sqlx::Error> {
     let cols = "id, event_id, topic, key, payload, headers, event_type, aggregate_type, aggregate_id, created_at";
     let r = sqlx::query(&format!(
         "WITH d AS (DELETE FROM {} WHERE {} RETURNING *) \
@@ -175,12 +194,20 @@ pub async fn dead_redrive(pool: &PgPool, schema: &SchemaName, sel: &DeadSelector
 }
 
 /// Deletes selected dead events for good (their keys unpark). Returns how many.
-pub async fn dead_discard(pool: &PgPool, schema: &SchemaName, sel: &DeadSelector) -> Result<u64, sqlx::Error> {
-    let r = sqlx::query(&format!("DELETE FROM {} WHERE {}", schema.table("dead"), sel.sql()))
-        .bind(sel.event_id)
-        .bind(&sel.key)
-        .bind(&sel.topic)
-        .execute(pool)
-        .await?;
+pub async fn dead_discard(
+    pool: &PgPool,
+    schema: &SchemaName,
+    sel: &DeadSelector,
+) -> Result<u64, sqlx::Error> {
+    let r = sqlx::query(&format!(
+        "DELETE FROM {} WHERE {}",
+        schema.table("dead"),
+        sel.sql()
+    ))
+    .bind(sel.event_id)
+    .bind(&sel.key)
+    .bind(&sel.topic)
+    .execute(pool)
+    .await?;
     Ok(r.rows_affected())
 }

@@ -36,7 +36,12 @@ async fn a_lower_id_committed_late_is_not_skipped() {
 
     // Writer A takes the lower id and holds its transaction open.
     let mut slow = db.pool.begin().await.unwrap();
-    outbox::publish(&mut slow, outbox::NewEvent::new(TOPIC, "slow").payload(b"slow:0".to_vec())).await.unwrap();
+    outbox::publish(
+        &mut slow,
+        outbox::NewEvent::new(TOPIC, "slow").payload(b"slow:0".to_vec()),
+    )
+    .await
+    .unwrap();
     // Writers B and C commit higher ids, which get published first.
     insert_events(&db.pool, 2, 2, 0).await;
     assert_eq!(drain(&r.relay).await, 2);
@@ -59,7 +64,10 @@ async fn broker_down_for_ten_seconds_loses_nothing_and_shows_in_readiness_and_me
     let port = test_support::free_port();
     relay::http::serve(
         ([127, 0, 0, 1], port).into(),
-        relay::http::Surfaces { health: r.health.clone(), metrics: r.metrics.clone() },
+        relay::http::Surfaces {
+            health: r.health.clone(),
+            metrics: r.metrics.clone(),
+        },
         shutdown.clone(),
     )
     .await
@@ -72,9 +80,11 @@ async fn broker_down_for_ten_seconds_loses_nothing_and_shows_in_readiness_and_me
     .await;
 
     insert_events(&db.pool, 20, 200, 0).await;
-    wait_for("first events published", Duration::from_secs(20), || async {
-        (count(&db.pool, "outbox.events").await == 0).then_some(())
-    })
+    wait_for(
+        "first events published",
+        Duration::from_secs(20),
+        || async { (count(&db.pool, "outbox.events").await == 0).then_some(()) },
+    )
     .await;
 
     mock.broker_down(1).unwrap();
@@ -85,10 +95,14 @@ async fn broker_down_for_ten_seconds_loses_nothing_and_shows_in_readiness_and_me
     .await;
     assert_eq!(status, 503);
     assert!(body.contains("\"broker\":false"), "{body}");
-    let metrics = wait_for("retries with backoff in metrics", Duration::from_secs(15), || async {
-        let (_, m) = http_get(port, "/metrics").await?;
-        (metric(&m, "outbox_relay_retries_total") > 0.0).then_some(m)
-    })
+    let metrics = wait_for(
+        "retries with backoff in metrics",
+        Duration::from_secs(15),
+        || async {
+            let (_, m) = http_get(port, "/metrics").await?;
+            (metric(&m, "outbox_relay_retries_total") > 0.0).then_some(m)
+        },
+    )
     .await;
     assert!(metric(&metrics, "outbox_relay_delivery_failures_total") > 0.0);
     wait_for("broker_up gauge at 0", Duration::from_secs(10), || async {
@@ -97,12 +111,17 @@ async fn broker_down_for_ten_seconds_loses_nothing_and_shows_in_readiness_and_me
     })
     .await;
     tokio::time::sleep(Duration::from_secs(6)).await; // down for ~10 s in all
-    assert!(count(&db.pool, "outbox.events").await > 0, "nothing can be delivered while the broker is down");
+    assert!(
+        count(&db.pool, "outbox.events").await > 0,
+        "nothing can be delivered while the broker is down"
+    );
     mock.broker_up(1).unwrap();
 
-    wait_for("backlog drained after recovery", Duration::from_secs(60), || async {
-        (count(&db.pool, "outbox.events").await == 0).then_some(())
-    })
+    wait_for(
+        "backlog drained after recovery",
+        Duration::from_secs(60),
+        || async { (count(&db.pool, "outbox.events").await == 0).then_some(()) },
+    )
     .await;
     wait_for("ready again", Duration::from_secs(20), || async {
         http_get(port, "/readyz").await.filter(|(s, _)| *s == 200)

@@ -46,32 +46,80 @@ async fn oversized_event_is_dead_lettered_and_parks_only_its_key() {
     let db = migrated_db().await;
     let mock = mock_cluster(1, &[(TOPIC, 3), ("orders.dlq", 1)]);
     insert_with_poison(&db.pool).await;
-    let r = in_process(&db.pool, small_limit(PoisonPolicy::ParkKey), kafka(mock.bootstrap_servers()));
+    let r = in_process(
+        &db.pool,
+        small_limit(PoisonPolicy::ParkKey),
+        kafka(mock.bootstrap_servers()),
+    );
     drain(&r.relay).await;
 
-    let dead = tools::dead_list(&db.pool, &SchemaName::default(), &DeadSelector::default(), 10).await.unwrap();
+    let dead = tools::dead_list(
+        &db.pool,
+        &SchemaName::default(),
+        &DeadSelector::default(),
+        10,
+    )
+    .await
+    .unwrap();
     assert_eq!(dead.len(), 1);
-    assert_eq!((dead[0].key.as_str(), dead[0].reason.as_str(), dead[0].parked), ("key-a", "too_large", true));
-    assert!(dead[0].error.contains("message.max.bytes=10000"), "{}", dead[0].error);
-    let waiting: Vec<String> =
-        sqlx::query_scalar("SELECT key FROM outbox.events ORDER BY id").fetch_all(&db.pool).await.unwrap();
-    assert_eq!(waiting, ["key-a", "key-a"], "key-a's later events wait behind the dead one");
+    assert_eq!(
+        (
+            dead[0].key.as_str(),
+            dead[0].reason.as_str(),
+            dead[0].parked
+        ),
+        ("key-a", "too_large", true)
+    );
+    assert!(
+        dead[0].error.contains("message.max.bytes=10000"),
+        "{}",
+        dead[0].error
+    );
+    let waiting: Vec<String> = sqlx::query_scalar("SELECT key FROM outbox.events ORDER BY id")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        waiting,
+        ["key-a", "key-a"],
+        "key-a's later events wait behind the dead one"
+    );
 
     let delivered = read(&mock.bootstrap_servers(), TOPIC);
     assert_eq!(delivered.len(), 4, "key-a:0 and key-b's three");
-    assert_eq!(delivered.iter().filter(|r| r.key.as_deref() == Some("key-b")).count(), 3, "other keys unaffected");
+    assert_eq!(
+        delivered
+            .iter()
+            .filter(|r| r.key.as_deref() == Some("key-b"))
+            .count(),
+        3,
+        "other keys unaffected"
+    );
 
     let dlq = read(&mock.bootstrap_servers(), "orders.dlq");
     assert_eq!(dlq.len(), 1);
     assert_eq!(dlq[0].headers["outbox.reason"], "too_large");
     assert_eq!(dlq[0].headers["event_id"], dead[0].event_id.to_string());
-    assert!(dlq[0].payload.is_empty(), "an oversized payload is not copied to the DLQ");
-    assert_eq!(metric(&r.metrics.render(), "outbox_relay_dead_lettered_total"), 1.0);
+    assert!(
+        dlq[0].payload.is_empty(),
+        "an oversized payload is not copied to the DLQ"
+    );
+    assert_eq!(
+        metric(&r.metrics.render(), "outbox_relay_dead_lettered_total"),
+        1.0
+    );
 
     // Discarding the poison event unparks the key; its later events flow in order.
-    let n = tools::dead_discard(&db.pool, &SchemaName::default(), &DeadSelector { key: Some("key-a".into()), ..Default::default() })
-        .await
-        .unwrap();
+    let n = tools::dead_discard(
+        &db.pool,
+        &SchemaName::default(),
+        &DeadSelector {
+            key: Some("key-a".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(n, 1);
     drain(&r.relay).await;
     assert_eq!(count(&db.pool, "outbox.events").await, 0);
@@ -85,13 +133,30 @@ async fn skip_policy_lets_the_key_continue() {
     let db = migrated_db().await;
     let mock = mock_cluster(1, &[(TOPIC, 3), ("orders.dlq", 1)]);
     insert_with_poison(&db.pool).await;
-    let r = in_process(&db.pool, small_limit(PoisonPolicy::Skip), kafka(mock.bootstrap_servers()));
+    let r = in_process(
+        &db.pool,
+        small_limit(PoisonPolicy::Skip),
+        kafka(mock.bootstrap_servers()),
+    );
     drain(&r.relay).await;
     assert_eq!(count(&db.pool, "outbox.events").await, 0);
-    let dead = tools::dead_list(&db.pool, &SchemaName::default(), &DeadSelector::default(), 10).await.unwrap();
+    let dead = tools::dead_list(
+        &db.pool,
+        &SchemaName::default(),
+        &DeadSelector::default(),
+        10,
+    )
+    .await
+    .unwrap();
     assert_eq!((dead.len(), dead[0].parked), (1, false));
     let delivered = read(&mock.bootstrap_servers(), TOPIC);
-    assert_eq!(delivered.iter().filter(|r| r.key.as_deref() == Some("key-a")).count(), 3);
+    assert_eq!(
+        delivered
+            .iter()
+            .filter(|r| r.key.as_deref() == Some("key-a"))
+            .count(),
+        3
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -103,9 +168,16 @@ async fn redrive_puts_the_event_back_before_later_events_of_its_key() {
     cfg.dlq = false;
     drain(&in_process(&db.pool, cfg, kafka(mock.bootstrap_servers())).relay).await;
     // An operator raises the limit and redrives.
-    let n = tools::dead_redrive(&db.pool, &SchemaName::default(), &DeadSelector { key: Some("key-a".into()), ..Default::default() })
-        .await
-        .unwrap();
+    let n = tools::dead_redrive(
+        &db.pool,
+        &SchemaName::default(),
+        &DeadSelector {
+            key: Some("key-a".into()),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap();
     assert_eq!(n, 1);
     drain(&in_process(&db.pool, config(), kafka(mock.bootstrap_servers())).relay).await;
     let records = read(&mock.bootstrap_servers(), TOPIC);
@@ -114,7 +186,11 @@ async fn redrive_puts_the_event_back_before_later_events_of_its_key() {
         .filter(|r| r.key.as_deref() == Some("key-a"))
         .map(|r| String::from_utf8_lossy(&r.payload).trim().to_string())
         .collect();
-    assert_eq!(a, ["key-a:0", "key-a:1", "key-a:2", "key-a:3"], "redriven event keeps its place");
+    assert_eq!(
+        a,
+        ["key-a:0", "key-a:1", "key-a:2", "key-a:3"],
+        "redriven event keeps its place"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -122,24 +198,53 @@ async fn archive_retention_drops_expired_partitions_and_replay_dry_run_counts() 
     let db = migrated_db().await;
     let mock = mock_cluster(1, &[(TOPIC, 2), ("orders.replayed", 1)]);
     let schema = SchemaName::default();
-    let today: chrono::NaiveDate = sqlx::query_scalar("SELECT (now() AT TIME ZONE 'UTC')::date").fetch_one(&db.pool).await.unwrap();
+    let today: chrono::NaiveDate = sqlx::query_scalar("SELECT (now() AT TIME ZONE 'UTC')::date")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     // Partitions as a relay running for the last 20 days would have left them.
     for back in [20u64, 15, 9, 8, 7] {
-        relay::retention::maintain(&db.pool, &schema, 365, Some(today - chrono::Days::new(back))).await.unwrap();
+        relay::retention::maintain(
+            &db.pool,
+            &schema,
+            365,
+            Some(today - chrono::Days::new(back)),
+        )
+        .await
+        .unwrap();
     }
     let mut cfg = config();
     cfg.retention = Retention::Archive { ttl_days: 7 };
     let r = in_process(&db.pool, cfg, kafka(mock.bootstrap_servers()));
-    let plan = relay::retention::maintain(&db.pool, &schema, 7, None).await.unwrap();
-    assert!(plan.drop.contains(&relay::retention::partition_name(today - chrono::Days::new(20))));
-    let left = relay::retention::partitions(&db.pool, &schema).await.unwrap();
+    let plan = relay::retention::maintain(&db.pool, &schema, 7, None)
+        .await
+        .unwrap();
+    assert!(plan.drop.contains(&relay::retention::partition_name(
+        today - chrono::Days::new(20)
+    )));
+    let left = relay::retention::partitions(&db.pool, &schema)
+        .await
+        .unwrap();
     let oldest = left.first().unwrap();
-    assert_eq!(*oldest, relay::retention::partition_name(today - chrono::Days::new(7)), "{left:?}");
-    assert!(left.contains(&relay::retention::partition_name(today + chrono::Days::new(3))), "created ahead");
+    assert_eq!(
+        *oldest,
+        relay::retention::partition_name(today - chrono::Days::new(7)),
+        "{left:?}"
+    );
+    assert!(
+        left.contains(&relay::retention::partition_name(
+            today + chrono::Days::new(3)
+        )),
+        "created ahead"
+    );
 
     insert_events(&db.pool, 5, 50, 0).await;
     assert_eq!(drain(&r.relay).await, 50);
-    let archived: Vec<(i32, i64)> = sqlx::query_as("SELECT kafka_partition, kafka_offset FROM outbox.archive").fetch_all(&db.pool).await.unwrap();
+    let archived: Vec<(i32, i64)> =
+        sqlx::query_as("SELECT kafka_partition, kafka_offset FROM outbox.archive")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
     assert_eq!(archived.len(), 50);
     assert!(archived.iter().all(|(p, o)| *p >= 0 && *o >= 0));
 
@@ -149,13 +254,24 @@ async fn archive_retention_drops_expired_partitions_and_replay_dry_run_counts() 
         key: Some("key-1".into()),
         topic: None,
     };
-    assert_eq!(tools::replay_count(&db.pool, &schema, &filter).await.unwrap(), 10);
+    assert_eq!(
+        tools::replay_count(&db.pool, &schema, &filter)
+            .await
+            .unwrap(),
+        10
+    );
 
     // The binary: --dry-run counts and produces nothing; a real replay to another topic sends them.
     let since = (chrono::Utc::now() - chrono::Duration::hours(1)).to_rfc3339();
     let run = |extra: &[&str]| {
         std::process::Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-            .args(["replay", "--since", &since, "--brokers", &mock.bootstrap_servers()])
+            .args([
+                "replay",
+                "--since",
+                &since,
+                "--brokers",
+                &mock.bootstrap_servers(),
+            ])
             .args(extra)
             .env("DATABASE_URL", &db.url)
             .output()
@@ -163,12 +279,21 @@ async fn archive_retention_drops_expired_partitions_and_replay_dry_run_counts() 
     };
     let out = run(&["--dry-run"]);
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "dry run: 50 archived events match; nothing produced");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "dry run: 50 archived events match; nothing produced"
+    );
     assert_eq!(read(&mock.bootstrap_servers(), "orders.replayed").len(), 0);
     let out = run(&["--to-topic", "orders.replayed", "--key", "key-1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let replayed = read(&mock.bootstrap_servers(), "orders.replayed");
     assert_eq!(replayed.len(), 10);
-    assert!(replayed.iter().all(|r| r.headers["outbox.replayed"] == "true" && r.key.as_deref() == Some("key-1")));
+    assert!(replayed
+        .iter()
+        .all(|r| r.headers["outbox.replayed"] == "true" && r.key.as_deref() == Some("key-1")));
     check_order(&replayed);
 }

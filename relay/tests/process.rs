@@ -24,10 +24,14 @@ async fn sigkill_mid_stream_loses_nothing_and_duplicates_stay_within_one_batch()
 
     let port = free_port();
     let mut first = spawn_binary(&db.url, &mock.bootstrap_servers(), port, &args);
-    wait_for("the relay to be mid-stream", Duration::from_secs(60), || async {
-        let left = count(&db.pool, "outbox.events").await;
-        (left < 8_000).then_some(())
-    })
+    wait_for(
+        "the relay to be mid-stream",
+        Duration::from_secs(60),
+        || async {
+            let left = count(&db.pool, "outbox.events").await;
+            (left < 8_000).then_some(())
+        },
+    )
     .await;
     sigkill(&mut first);
     let left_at_kill = count(&db.pool, "outbox.events").await;
@@ -35,9 +39,11 @@ async fn sigkill_mid_stream_loses_nothing_and_duplicates_stay_within_one_batch()
 
     let port = free_port();
     let mut second = spawn_binary(&db.url, &mock.bootstrap_servers(), port, &args);
-    wait_for("the restarted relay to drain the outbox", Duration::from_secs(120), || async {
-        (count(&db.pool, "outbox.events").await == 0).then_some(())
-    })
+    wait_for(
+        "the restarted relay to drain the outbox",
+        Duration::from_secs(120),
+        || async { (count(&db.pool, "outbox.events").await == 0).then_some(()) },
+    )
     .await;
     second.kill().unwrap();
     second.wait().unwrap();
@@ -48,7 +54,11 @@ async fn sigkill_mid_stream_loses_nothing_and_duplicates_stay_within_one_batch()
         ledger.records, ledger.distinct, ledger.duplicates
     );
     assert_eq!(ledger.distinct, 10_000, "nothing lost");
-    assert!(ledger.duplicates <= batch, "duplicates ({}) come only from the unsettled batch", ledger.duplicates);
+    assert!(
+        ledger.duplicates <= batch,
+        "duplicates ({}) come only from the unsettled batch",
+        ledger.duplicates
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -64,7 +74,9 @@ async fn two_single_mode_relays_exactly_one_publishes_and_the_other_takes_over()
     .await;
     let mut b = spawn_binary(&db.url, &mock.bootstrap_servers(), port_b, &args);
     let (_, body) = wait_for("relay B standing by", Duration::from_secs(30), || async {
-        http_get(port_b, "/readyz").await.filter(|(s, b)| *s == 503 && b.contains("standby"))
+        http_get(port_b, "/readyz")
+            .await
+            .filter(|(s, b)| *s == 503 && b.contains("standby"))
     })
     .await;
     assert!(body.contains("advisory lock"), "readiness says why: {body}");
@@ -74,22 +86,36 @@ async fn two_single_mode_relays_exactly_one_publishes_and_the_other_takes_over()
         (count(&db.pool, "outbox.events").await == 0).then_some(())
     })
     .await;
-    wait_for("A's metrics to show all 1000", Duration::from_secs(10), || async {
-        (published(port_a).await? == 1000.0).then_some(())
-    })
+    wait_for(
+        "A's metrics to show all 1000",
+        Duration::from_secs(10),
+        || async { (published(port_a).await? == 1000.0).then_some(()) },
+    )
     .await;
-    assert_eq!(published(port_b).await, Some(0.0), "the standby published nothing");
+    assert_eq!(
+        published(port_b).await,
+        Some(0.0),
+        "the standby published nothing"
+    );
 
     sigkill(&mut a);
     let killed = Instant::now();
     insert_events(&db.pool, 10, 1_000, 100).await;
-    wait_for("B to take over and drain", Duration::from_secs(30), || async {
-        (count(&db.pool, "outbox.events").await == 0).then_some(())
-    })
+    wait_for(
+        "B to take over and drain",
+        Duration::from_secs(30),
+        || async { (count(&db.pool, "outbox.events").await == 0).then_some(()) },
+    )
     .await;
-    println!("single-mode failover: backlog drained {:?} after SIGKILL of the leader", killed.elapsed());
+    println!(
+        "single-mode failover: backlog drained {:?} after SIGKILL of the leader",
+        killed.elapsed()
+    );
     assert_eq!(published(port_b).await, Some(1000.0));
-    let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM outbox.fence WHERE scope = 'default'").fetch_one(&db.pool).await.unwrap();
+    let epoch: i64 = sqlx::query_scalar("SELECT epoch FROM outbox.fence WHERE scope = 'default'")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
     assert_eq!(epoch, 2, "each acquisition bumps the fencing epoch");
     b.kill().unwrap();
     b.wait().unwrap();
@@ -104,20 +130,35 @@ async fn sigterm_finishes_the_batch_and_exits_zero() {
     let mock = mock_cluster(1, &[(TOPIC, 2)]);
     let port = free_port();
     let mut relay = spawn_binary(&db.url, &mock.bootstrap_servers(), port, &[]);
-    wait_for("ready", Duration::from_secs(30), || async { http_get(port, "/readyz").await.filter(|(s, _)| *s == 200) }).await;
+    wait_for("ready", Duration::from_secs(30), || async {
+        http_get(port, "/readyz").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
     insert_events(&db.pool, 5, 2_000, 0).await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(relay.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(relay.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let deadline = Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(status) = relay.try_wait().unwrap() {
             break status;
         }
-        assert!(Instant::now() < deadline, "relay did not exit after SIGTERM");
+        assert!(
+            Instant::now() < deadline,
+            "relay did not exit after SIGTERM"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status}");
     let mut err = String::new();
-    relay.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    relay
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     assert!(err.contains("stopped cleanly"), "{err}");
     // Whatever was claimed was settled: everything in Kafka left the outbox, no more, no less.
     let delivered = read(&mock.bootstrap_servers(), TOPIC).len() as i64;
@@ -127,15 +168,40 @@ async fn sigterm_finishes_the_batch_and_exits_zero() {
 #[test]
 fn bad_settings_exit_2_with_one_line_naming_the_setting() {
     let cases = [
-        (vec![("DATABASE_URL", "mysql://nope"), ("KAFKA_BOOTSTRAP", "a:1")], "invalid --database-url (DATABASE_URL)"),
-        (vec![("DATABASE_URL", "postgres://127.0.0.1:1/x"), ("KAFKA_BOOTSTRAP", "no-port")], "invalid --brokers (KAFKA_BOOTSTRAP)"),
-        (vec![("KAFKA_BOOTSTRAP", "a:1")], "invalid --database-url (DATABASE_URL): is required"),
-        (vec![("DATABASE_URL", "postgres://h/x"), ("KAFKA_BOOTSTRAP", "a:1"), ("OUTBOX_SCHEMA", "Bad")], "invalid --schema (OUTBOX_SCHEMA)"),
+        (
+            vec![("DATABASE_URL", "mysql://nope"), ("KAFKA_BOOTSTRAP", "a:1")],
+            "invalid --database-url (DATABASE_URL)",
+        ),
+        (
+            vec![
+                ("DATABASE_URL", "postgres://127.0.0.1:1/x"),
+                ("KAFKA_BOOTSTRAP", "no-port"),
+            ],
+            "invalid --brokers (KAFKA_BOOTSTRAP)",
+        ),
+        (
+            vec![("KAFKA_BOOTSTRAP", "a:1")],
+            "invalid --database-url (DATABASE_URL): is required",
+        ),
+        (
+            vec![
+                ("DATABASE_URL", "postgres://h/x"),
+                ("KAFKA_BOOTSTRAP", "a:1"),
+                ("OUTBOX_SCHEMA", "Bad"),
+            ],
+            "invalid --schema (OUTBOX_SCHEMA)",
+        ),
     ];
     for (env, want) in cases {
         // `timeout` guards the test: a setting that is wrongly accepted would start a relay that retries.
         let out = std::process::Command::new("timeout")
-            .args(["20", env!("CARGO_BIN_EXE_outbox-relay"), "run", "--http-addr", "127.0.0.1:0"])
+            .args([
+                "20",
+                env!("CARGO_BIN_EXE_outbox-relay"),
+                "run",
+                "--http-addr",
+                "127.0.0.1:0",
+            ])
             .env_remove("DATABASE_URL")
             .env_remove("KAFKA_BOOTSTRAP")
             .envs(env)
@@ -154,11 +220,25 @@ async fn database_down_at_startup_is_retried_with_one_line_per_attempt() {
     let url = format!("postgres://postgres@127.0.0.1:{dead_port}/x");
     let mut relay = spawn_binary(&url, "127.0.0.1:1", free_port(), &[]);
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(relay.try_wait().unwrap().is_none(), "keeps retrying instead of crashing");
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "keeps retrying instead of crashing"
+    );
     sigkill(&mut relay);
     let mut err = String::new();
-    relay.stderr.take().unwrap().read_to_string(&mut err).unwrap();
-    let attempts: Vec<&str> = err.lines().filter(|l| l.contains("database unreachable (attempt")).collect();
+    relay
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let attempts: Vec<&str> = err
+        .lines()
+        .filter(|l| l.contains("database unreachable (attempt"))
+        .collect();
     assert!(attempts.len() >= 2, "{err}");
-    assert!(attempts[0].contains("attempt 1") && attempts[1].contains("attempt 2"), "{attempts:?}");
+    assert!(
+        attempts[0].contains("attempt 1") && attempts[1].contains("attempt 2"),
+        "{attempts:?}"
+    );
 }

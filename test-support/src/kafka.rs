@@ -22,7 +22,8 @@ pub type Mock = MockCluster<'static, DefaultProducerContext>;
 pub fn mock_cluster(brokers: i32, topics: &[(&str, i32)]) -> Mock {
     let mock = MockCluster::new(brokers).expect("start librdkafka mock cluster");
     for (name, partitions) in topics {
-        mock.create_topic(name, *partitions, 1).expect("create mock topic");
+        mock.create_topic(name, *partitions, 1)
+            .expect("create mock topic");
     }
     mock
 }
@@ -54,8 +55,11 @@ pub fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
         .create()?;
     let timeout = Duration::from_secs(10);
     let md = consumer.fetch_metadata(Some(topic), timeout)?;
-    let partitions: Vec<i32> =
-        md.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
     let mut remaining = HashMap::new();
     let mut tpl = TopicPartitionList::new();
     for p in partitions {
@@ -74,16 +78,26 @@ pub fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
     let mut last_record = Instant::now();
     while !remaining.is_empty() || last_record.elapsed() < Duration::from_secs(1) {
         if Instant::now() > deadline {
-            bail!("reading {topic}: partitions {:?} not read to their end", remaining.keys());
+            bail!(
+                "reading {topic}: partitions {:?} not read to their end",
+                remaining.keys()
+            );
         }
-        let Some(msg) = consumer.poll(Duration::from_millis(100)) else { continue };
+        let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+            continue;
+        };
         last_record = Instant::now();
         let msg = msg?;
         let headers = msg
             .headers()
             .map(|h| {
                 h.iter()
-                    .map(|h| (h.key.to_owned(), String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned()))
+                    .map(|h| {
+                        (
+                            h.key.to_owned(),
+                            String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                        )
+                    })
                     .collect()
             })
             .unwrap_or_default();
@@ -95,7 +109,10 @@ pub fn read_topic(bootstrap: &str, topic: &str) -> anyhow::Result<Vec<Record>> {
             payload: msg.payload().unwrap_or_default().to_vec(),
             headers,
         });
-        if remaining.get(&partition).is_some_and(|high| offset + 1 >= *high) {
+        if remaining
+            .get(&partition)
+            .is_some_and(|high| offset + 1 >= *high)
+        {
             remaining.remove(&partition);
         }
     }
@@ -110,7 +127,10 @@ pub fn tansu_bin() -> PathBuf {
     }
     let cache = std::env::var_os("OUTBOX_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/outbox-operator"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/outbox-operator")
+        });
     cache.join("tansu-0.6.0/bin/tansu")
 }
 
@@ -125,12 +145,21 @@ impl Tansu {
     pub fn start() -> anyhow::Result<Self> {
         let bin = tansu_bin();
         if !bin.exists() {
-            bail!("tansu not found at {} (run `make setup`, or set TANSU_BIN)", bin.display());
+            bail!(
+                "tansu not found at {} (run `make setup`, or set TANSU_BIN)",
+                bin.display()
+            );
         }
         let port = crate::free_port();
         let url = format!("tcp://127.0.0.1:{port}");
         let child = Command::new(&bin)
-            .args(["broker", "--listener-url", &url, "--advertised-listener-url", &url])
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+            ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -139,10 +168,15 @@ impl Tansu {
             .with_context(|| format!("start {}", bin.display()))?;
         crate::reaper::watch(child.id(), "TERM", None);
         let broker = Self { port, child };
-        let client: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", broker.bootstrap()).create()?;
+        let client: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", broker.bootstrap())
+            .create()?;
         let deadline = Instant::now() + Duration::from_secs(30);
-        while client.inner().fetch_metadata(None, Duration::from_secs(1)).is_err() {
+        while client
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(1))
+            .is_err()
+        {
             if Instant::now() > deadline {
                 bail!("tansu did not answer on {}", broker.bootstrap());
             }
@@ -158,8 +192,9 @@ impl Tansu {
 
     /// Creates a topic through the admin API.
     pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
-        let client: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", self.bootstrap()).create()?;
+        let client: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()?;
         let res = client
             .create_topics(
                 &[NewTopic::new(name, partitions, TopicReplication::Fixed(1))],

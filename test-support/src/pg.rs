@@ -37,9 +37,14 @@ pub fn pg_bin_dir() -> anyhow::Result<PathBuf> {
         .filter(|p| p.join("initdb").exists())
         .collect();
     candidates.sort_by_key(|p| {
-        p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok())
+        p.parent()
+            .and_then(|v| v.file_name())
+            .and_then(|v| v.to_str())
+            .and_then(|v| v.parse::<u32>().ok())
     });
-    candidates.pop().context("no /usr/lib/postgresql/*/bin/initdb: run `make setup` or set PG_BIN")
+    candidates
+        .pop()
+        .context("no /usr/lib/postgresql/*/bin/initdb: run `make setup` or set PG_BIN")
 }
 
 impl PgServer {
@@ -50,7 +55,8 @@ impl PgServer {
         let data = dir.path().join("data");
         // initdb refuses to run as root: run the server as the `postgres` user the package creates.
         let run_as = if nix::unistd::geteuid().is_root() {
-            let user = nix::unistd::User::from_name("postgres")?.context("running as root needs a `postgres` user")?;
+            let user = nix::unistd::User::from_name("postgres")?
+                .context("running as root needs a `postgres` user")?;
             std::os::unix::fs::chown(dir.path(), Some(user.uid.as_raw()), Some(user.gid.as_raw()))?;
             Some((user.uid.as_raw(), user.gid.as_raw()))
         } else {
@@ -67,7 +73,15 @@ impl PgServer {
         let out = command("initdb")
             .args(["-D"])
             .arg(&data)
-            .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync", "--no-instructions"])
+            .args([
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "-E",
+                "UTF8",
+                "--no-sync",
+                "--no-instructions",
+            ])
             .output()
             .context("run initdb")?;
         if !out.status.success() {
@@ -85,11 +99,27 @@ impl PgServer {
             .arg(dir.path())
             .args(["-c", "max_connections=300", "-c", "shared_buffers=256MB"]);
         if durability == Durability::Throwaway {
-            cmd.args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"]);
+            cmd.args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ]);
         }
-        let child = cmd.stdin(Stdio::null()).stdout(log.try_clone()?).stderr(log).spawn().context("start postgres")?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start postgres")?;
         crate::reaper::watch(child.id(), "QUIT", Some(dir.path()));
-        let server = Self { port, child: Mutex::new(child), _dir: dir };
+        let server = Self {
+            port,
+            child: Mutex::new(child),
+            _dir: dir,
+        };
         server.wait_ready(Duration::from_secs(30))?;
         Ok(server)
     }
@@ -101,7 +131,10 @@ impl PgServer {
                 bail!("postgres exited during startup ({status}); see its postgres.log");
             }
             if Instant::now() > deadline {
-                bail!("postgres did not listen on 127.0.0.1:{} within {timeout:?}", self.port);
+                bail!(
+                    "postgres did not listen on 127.0.0.1:{} within {timeout:?}",
+                    self.port
+                );
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -121,10 +154,15 @@ impl PgServer {
     /// Creates a new, empty database with a unique name and returns its URL.
     pub async fn create_database(&self) -> anyhow::Result<String> {
         static NEXT: AtomicU32 = AtomicU32::new(0);
-        let name = format!("t{}_{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "t{}_{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         // A fresh connection each time: a pool in a static would outlive the runtime that made it.
         let mut conn = connect_with_retry(&self.url("postgres")).await?;
-        conn.execute(format!("CREATE DATABASE {name}").as_str()).await?;
+        conn.execute(format!("CREATE DATABASE {name}").as_str())
+            .await?;
         conn.close().await?;
         Ok(self.url(&name))
     }
@@ -136,7 +174,9 @@ async fn connect_with_retry(url: &str) -> anyhow::Result<PgConnection> {
         match PgConnection::connect(url).await {
             Ok(c) => return Ok(c),
             // The server listens a moment before it accepts logins ("the database system is starting up").
-            Err(_) if Instant::now() < deadline => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
             Err(e) => return Err(e).context(format!("connect {url}")),
         }
     }
@@ -156,7 +196,8 @@ impl Drop for PgServer {
 /// The server shared by every test in this process (throwaway durability), started on first use.
 pub fn shared() -> &'static PgServer {
     static SERVER: OnceLock<PgServer> = OnceLock::new();
-    SERVER.get_or_init(|| PgServer::start(Durability::Throwaway).expect("start throwaway PostgreSQL"))
+    SERVER
+        .get_or_init(|| PgServer::start(Durability::Throwaway).expect("start throwaway PostgreSQL"))
 }
 
 /// A new database on the shared server.
@@ -169,8 +210,14 @@ pub struct TestDb {
 
 /// Creates a fresh database on the shared server and connects a pool to it.
 pub async fn fresh_db() -> TestDb {
-    let url = shared().create_database().await.expect("create test database");
-    let pool = sqlx::postgres::PgPoolOptions::new().max_connections(10).connect(&url).await.expect("connect test db");
+    let url = shared()
+        .create_database()
+        .await
+        .expect("create test database");
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(10)
+        .connect(&url)
+        .await
+        .expect("connect test db");
     TestDb { url, pool }
 }
-

@@ -6,9 +6,13 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 
 /// Starts the watchdog for `child_pid`; `data_dir` is removed after the child has stopped.
+// Never waited on by design: the watchdog's whole job is to outlive this process.
+#[allow(clippy::zombie_processes)]
 pub(crate) fn watch(child_pid: u32, signal: &str, data_dir: Option<&Path>) {
     let me = std::process::id();
-    let cleanup = data_dir.map(|d| format!("; rm -rf '{}'", d.display())).unwrap_or_default();
+    let cleanup = data_dir
+        .map(|d| format!("; rm -rf '{}'", d.display()))
+        .unwrap_or_default();
     let script = format!(
         "while kill -0 {me} 2>/dev/null; do sleep 0.5; done; kill -{signal} {child_pid} 2>/dev/null; \
          for i in $(seq 1 40); do kill -0 {child_pid} 2>/dev/null || break; sleep 0.25; done; \

@@ -59,8 +59,18 @@ pub fn in_process(pool: &PgPool, cfg: RelayConfig, kafka: KafkaSettings) -> InPr
     let health = Arc::new(Health::default());
     let metrics = Arc::new(Metrics::new());
     let producer = Producer::new(kafka, health.clone()).unwrap();
-    let relay = Arc::new(Relay::new(cfg, pool.clone(), producer, metrics.clone(), health.clone()));
-    InProcess { relay, health, metrics }
+    let relay = Arc::new(Relay::new(
+        cfg,
+        pool.clone(),
+        producer,
+        metrics.clone(),
+        health.clone(),
+    ));
+    InProcess {
+        relay,
+        health,
+        metrics,
+    }
 }
 
 /// Runs batches until one claims nothing.
@@ -76,7 +86,10 @@ pub async fn drain(relay: &Relay) -> usize {
 }
 
 /// Spawns `relay.run` with a competing coordinator until `shutdown`.
-pub fn spawn_run(relay: Arc<Relay>, shutdown: tokio_util::sync::CancellationToken) -> tokio::task::JoinHandle<()> {
+pub fn spawn_run(
+    relay: Arc<Relay>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut c = Competing;
         relay.run(&mut c, shutdown).await.unwrap();
@@ -86,7 +99,9 @@ pub fn spawn_run(relay: Arc<Relay>, shutdown: tokio_util::sync::CancellationToke
 pub async fn migrated_db() -> test_support::pg::TestDb {
     let db = test_support::pg::fresh_db().await;
     outbox::migrate(&db.pool, "outbox").await.unwrap();
-    outbox::install_notify_trigger(&db.pool, &SchemaName::default()).await.unwrap();
+    outbox::install_notify_trigger(&db.pool, &SchemaName::default())
+        .await
+        .unwrap();
     db
 }
 
@@ -107,7 +122,10 @@ pub async fn insert_events(pool: &PgPool, keys: usize, n: usize, start_seq: usiz
 }
 
 pub async fn count(pool: &PgPool, table: &str) -> i64 {
-    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}")).fetch_one(pool).await.unwrap()
+    sqlx::query_scalar(&format!("SELECT count(*) FROM {table}"))
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 pub fn read(bootstrap: &str, topic: &str) -> Vec<Record> {
@@ -141,16 +159,29 @@ pub fn check_order(records: &[Record]) -> Ledger {
             continue;
         }
         let max = max_seq.entry(key.clone()).or_insert(0);
-        assert!(seq >= *max, "key {key}: event {seq} first appeared after {max}");
+        assert!(
+            seq >= *max,
+            "key {key}: event {seq} first appeared after {max}"
+        );
         *max = seq;
     }
-    Ledger { records: records.len(), distinct: seen.len(), duplicates }
+    Ledger {
+        records: records.len(),
+        distinct: seen.len(),
+        duplicates,
+    }
 }
 
 /// The relay binary as a child process.
 pub fn spawn_binary(db_url: &str, brokers: &str, http_port: u16, extra: &[&str]) -> Child {
     Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
-        .args(["run", "--http-addr", &format!("127.0.0.1:{http_port}"), "--poll-interval", "50ms"])
+        .args([
+            "run",
+            "--http-addr",
+            &format!("127.0.0.1:{http_port}"),
+            "--poll-interval",
+            "50ms",
+        ])
         .args(extra)
         .env("DATABASE_URL", db_url)
         .env("KAFKA_BOOTSTRAP", brokers)
@@ -168,7 +199,9 @@ pub fn sigkill(child: &mut Child) {
 }
 
 pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
-    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}")).await.ok()?;
+    let r = reqwest::get(format!("http://127.0.0.1:{port}{path}"))
+        .await
+        .ok()?;
     Some((r.status().as_u16(), r.text().await.ok()?))
 }
 
