@@ -73,7 +73,7 @@ struct KafkaArgs {
     #[arg(long, env = "RELAY_DELIVERY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     delivery_timeout: Duration,
     /// Producer linger.
-    #[arg(long, env = "RELAY_LINGER", default_value = "5ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "RELAY_LINGER", default_value = "1ms", value_parser = humantime::parse_duration)]
     linger: Duration,
     /// Largest record the producer sends; larger events are dead-lettered before sending.
     #[arg(long, env = "RELAY_MAX_MESSAGE_BYTES", default_value_t = 1_000_000)]

@@ -102,6 +102,10 @@ mod tests {
         assert_eq!(h[0], ("event_id".into(), ev.event_id.to_string()));
         assert!(h.contains(&("event_type".into(), "OrderCreated".into())));
         assert!(h.contains(&("traceparent".into(), "00-x".into())));
-        assert!(ev.record_size_estimate() > 3 + 1 + RECORD_OVERHEAD_BYTES);
+        let listed: usize = h.iter().map(|(k, v)| k.len() + v.len() + 8).sum();
+        assert_eq!(
+            ev.record_size_estimate(),
+            3 + 1 + RECORD_OVERHEAD_BYTES + listed
+        );
     }
 }

@@ -181,6 +181,19 @@ impl Producer {
         batch: &[ClaimedEvent],
         slots: Vec<Option<Delivery>>,
     ) -> Vec<Outcome> {
+        self.enqueue_all(batch, slots)
+            .await
+            .await
+            .expect("delivery collector panicked")
+    }
+
+    /// Enqueues every event whose slot is `None` (in batch order, so records of one partition keep id
+    /// order) and returns a task that collects the delivery reports, stamping each when it arrives.
+    pub async fn enqueue_all(
+        &self,
+        batch: &[ClaimedEvent],
+        slots: Vec<Option<Delivery>>,
+    ) -> tokio::task::JoinHandle<Vec<Outcome>> {
         let mut pending = Vec::with_capacity(batch.len());
         for (ev, slot) in batch.iter().zip(slots) {
             if let Some(decided) = slot {
@@ -207,7 +220,7 @@ impl Producer {
             };
             (delivery, Utc::now())
         });
-        futures::future::join_all(waits).await
+        tokio::spawn(futures::future::join_all(waits))
     }
 
     /// Enqueues one record, waiting while the local queue is full.
