@@ -242,3 +242,75 @@ async fn database_down_at_startup_is_retried_with_one_line_per_attempt() {
         "{attempts:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_down_at_startup_is_retried_and_migrate_and_dead_list_work() {
+    let db = test_support::pg::fresh_db().await;
+    let bin = env!("CARGO_BIN_EXE_outbox-relay");
+    let out = std::process::Command::new(bin)
+        .args(["migrate", "--notify-trigger", "false"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "schema `outbox` is up to date (notify trigger: off)"
+    );
+    sqlx::query(
+        "INSERT INTO outbox.dead (id, event_id, topic, key, payload, headers, created_at, attempts, reason, error, parked) \
+         VALUES (1, gen_random_uuid(), 'orders', 'k', '', '{}', now(), 3, 'max_attempts', 'timed out', true)",
+    )
+    .execute(&db.pool)
+    .await
+    .unwrap();
+    let out = std::process::Command::new(bin)
+        .args(["dead", "list", "--json"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    let row: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            row["key"].as_str(),
+            row["reason"].as_str(),
+            row["parked"].as_bool()
+        ),
+        (Some("k"), Some("max_attempts"), Some(true))
+    );
+    let out = std::process::Command::new(bin)
+        .args(["dead", "redrive"])
+        .env("DATABASE_URL", &db.url)
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "redrive without a selector is refused"
+    );
+
+    let mut relay = spawn_binary(
+        &db.url,
+        &format!("127.0.0.1:{}", free_port()),
+        free_port(),
+        &[],
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        relay.try_wait().unwrap().is_none(),
+        "keeps retrying the broker"
+    );
+    sigkill(&mut relay);
+    let mut err = String::new();
+    relay
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(err.contains("kafka unreachable (attempt 1)"), "{err}");
+}
