@@ -209,14 +209,7 @@ impl Producer {
         let waits = pending.into_iter().map(|p| async move {
             let delivery = match p {
                 Err(decided) => decided,
-                Ok(fut) => match fut.await {
-                    Ok(Ok(d)) => Delivery::Acked {
-                        partition: d.partition,
-                        offset: d.offset,
-                    },
-                    Ok(Err((e, _))) => failed(&e),
-                    Err(_) => dropped_report(),
-                },
+                Ok(fut) => delivery_of(fut).await,
             };
             (delivery, Utc::now())
         });
@@ -277,14 +270,14 @@ impl Producer {
         } else {
             &ev.payload
         };
-        match self.enqueue(&topic, ev, None, payload, &headers).await {
-            Ok(fut) => match fut.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err((e, _))) => Err(e.to_string()),
-                Err(_) => Err("delivery report dropped".into()),
-            },
-            Err(Delivery::Failed { error, .. }) => Err(error),
-            Err(other) => Err(format!("{other:?}")),
+        let delivery = match self.enqueue(&topic, ev, None, payload, &headers).await {
+            Ok(fut) => delivery_of(fut).await,
+            Err(d) => d,
+        };
+        match delivery {
+            Delivery::Acked { .. } => Ok(()),
+            Delivery::Failed { error, .. } => Err(error),
+            Delivery::Withheld => Err("withheld".into()),
         }
     }
 
@@ -298,14 +291,7 @@ impl Producer {
         let mut headers = ev.kafka_headers();
         headers.extend_from_slice(extra);
         match self.enqueue(topic, ev, None, &ev.payload, &headers).await {
-            Ok(fut) => match fut.await {
-                Ok(Ok(d)) => Delivery::Acked {
-                    partition: d.partition,
-                    offset: d.offset,
-                },
-                Ok(Err((e, _))) => failed(&e),
-                Err(_) => dropped_report(),
-            },
+            Ok(fut) => delivery_of(fut).await,
             Err(d) => d,
         }
     }
@@ -313,6 +299,18 @@ impl Producer {
     /// Waits for outstanding records (shutdown).
     pub fn flush(&self, timeout: Duration) {
         let _ = self.inner.flush(timeout);
+    }
+}
+
+/// Waits for one delivery report.
+async fn delivery_of(fut: rdkafka::producer::DeliveryFuture) -> Delivery {
+    match fut.await {
+        Ok(Ok(d)) => Delivery::Acked {
+            partition: d.partition,
+            offset: d.offset,
+        },
+        Ok(Err((e, _))) => failed(&e),
+        Err(_) => dropped_report(),
     }
 }
 
