@@ -95,9 +95,11 @@ impl Store {
                  INSERT INTO {archive} ({cols}, published_at, kafka_partition, kafka_offset) \
                  SELECT {cols}, now(), part, off FROM d"
             ),
+            // clock_timestamp(), not now(): now() is the claim transaction's start, which can be a whole
+            // delivery timeout ago, and the backoff would already have elapsed.
             retry_sql: format!(
                 "UPDATE {events} e SET attempts = e.attempts + 1, last_error = u.err, \
-                   next_attempt_at = now() + u.delay_ms * interval '1 millisecond' \
+                   next_attempt_at = clock_timestamp() + u.delay_ms * interval '1 millisecond' \
                  FROM UNNEST($1::bigint[], $2::bigint[], $3::text[]) AS u(id, delay_ms, err) WHERE e.id = u.id"
             ),
             dead_sql: format!(

@@ -297,3 +297,79 @@ async fn archive_retention_drops_expired_partitions_and_replay_dry_run_counts() 
         .all(|r| r.headers["outbox.replayed"] == "true" && r.key.as_deref() == Some("key-1")));
     check_order(&replayed);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retriable_failures_back_off_then_dead_letter_at_max_attempts() {
+    let db = migrated_db().await;
+    let mock = mock_cluster(1, &[(TOPIC, 2)]);
+    insert_events(&db.pool, 2, 4, 0).await;
+    let mut cfg = config();
+    cfg.retry.max_attempts = 2;
+    cfg.retry.backoff_base = std::time::Duration::from_millis(200);
+    let mut k = kafka(mock.bootstrap_servers());
+    k.delivery_timeout = std::time::Duration::from_millis(500);
+    let r = in_process(&db.pool, cfg, k);
+    mock.broker_down(1).unwrap();
+
+    // First attempt: every event fails and is scheduled for a retry after its backoff.
+    let first = r.relay.run_batch(None).await.unwrap();
+    assert_eq!((first.claimed, first.retried, first.dead), (4, 4, 0));
+    let rows: Vec<(i32, bool, Option<String>)> =
+        sqlx::query_as("SELECT attempts, next_attempt_at > now(), last_error FROM outbox.events")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+    assert!(
+        rows.iter().all(|(a, later, err)| *a == 1
+            && *later
+            && err.as_deref().is_some_and(|e| e.contains("timed out"))),
+        "{rows:?}"
+    );
+    assert_eq!(
+        r.relay.run_batch(None).await.unwrap().claimed,
+        0,
+        "nothing is due during the backoff"
+    );
+
+    // Second attempt exhausts max_attempts: dead, reason max_attempts, keys parked.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let second = r.relay.run_batch(None).await.unwrap();
+    assert_eq!(second.dead, 4);
+    let dead = tools::dead_list(
+        &db.pool,
+        &SchemaName::default(),
+        &DeadSelector::default(),
+        10,
+    )
+    .await
+    .unwrap();
+    assert!(
+        dead.iter()
+            .all(|d| d.reason == "max_attempts" && d.attempts == 2 && d.parked),
+        "{dead:?}"
+    );
+
+    // Later events of the parked keys wait, even with the broker back.
+    mock.broker_up(1).unwrap();
+    insert_events(&db.pool, 2, 2, 10).await;
+    drain(&r.relay).await;
+    assert_eq!(count(&db.pool, "outbox.events").await, 2);
+    assert_eq!(
+        tools::dead_redrive(&db.pool, &SchemaName::default(), &DeadSelector::default())
+            .await
+            .unwrap(),
+        4
+    );
+    // The broker may need a moment after coming back; failed attempts back off and are retried.
+    test_support::wait_for(
+        "all six delivered",
+        std::time::Duration::from_secs(30),
+        || async {
+            r.relay.run_batch(None).await.unwrap();
+            (count(&db.pool, "outbox.events").await == 0).then_some(())
+        },
+    )
+    .await;
+    let ledger = check_order(&read(&mock.bootstrap_servers(), TOPIC));
+    assert_eq!(ledger.distinct, 6);
+}
