@@ -72,7 +72,8 @@ async fn two_single_mode_relays_exactly_one_publishes_and_the_other_takes_over()
         http_get(port_a, "/readyz").await.filter(|(s, _)| *s == 200)
     })
     .await;
-    let mut b = spawn_binary(&db.url, &mock.bootstrap_servers(), port_b, &args);
+    let args_b = [&args[..], &["--instance-id", "relay-b"]].concat();
+    let mut b = spawn_binary(&db.url, &mock.bootstrap_servers(), port_b, &args_b);
     let (_, body) = wait_for("relay B standing by", Duration::from_secs(30), || async {
         http_get(port_b, "/readyz")
             .await
@@ -117,6 +118,12 @@ async fn two_single_mode_relays_exactly_one_publishes_and_the_other_takes_over()
         .await
         .unwrap();
     assert_eq!(epoch, 2, "each acquisition bumps the fencing epoch");
+    let holder: String =
+        sqlx::query_scalar("SELECT holder FROM outbox.fence WHERE scope = 'default'")
+            .fetch_one(&db.pool)
+            .await
+            .unwrap();
+    assert_eq!(holder, "relay-b", "--instance-id names the fence holder");
     b.kill().unwrap();
     b.wait().unwrap();
 
@@ -297,7 +304,7 @@ async fn broker_down_at_startup_is_retried_and_migrate_and_dead_list_work() {
         &db.url,
         &format!("127.0.0.1:{}", free_port()),
         free_port(),
-        &[],
+        &["--log-format", "json"],
     );
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert!(
@@ -312,5 +319,15 @@ async fn broker_down_at_startup_is_retried_and_migrate_and_dead_list_work() {
         .unwrap()
         .read_to_string(&mut err)
         .unwrap();
-    assert!(err.contains("kafka unreachable (attempt 1)"), "{err}");
+    let first = err
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| {
+            v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("kafka unreachable (attempt 1)"))
+        });
+    let first =
+        first.unwrap_or_else(|| panic!("no JSON log line for the first broker attempt: {err}"));
+    assert_eq!(first["level"], "WARN");
 }
