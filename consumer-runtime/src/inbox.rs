@@ -1,0 +1,91 @@
+//! The inbox table: deduplication key and delivery receipt, written in the handler's transaction.
+
+use std::time::Duration;
+
+use outbox::SchemaName;
+use sqlx::{Executor, PgConnection, PgPool};
+
+use crate::Message;
+
+/// The schema used when none is configured.
+pub const DEFAULT_SCHEMA: &str = "inbox";
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Creates the schema and applies the inbox migrations (own history per schema). Idempotent.
+pub async fn migrate(
+    pool: &PgPool,
+    schema: &SchemaName,
+) -> Result<(), sqlx::migrate::MigrateError> {
+    let mut conn = pool.acquire().await?.detach();
+    conn.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
+        .await?;
+    conn.execute(format!("SET search_path TO \"{schema}\"").as_str())
+        .await?;
+    MIGRATOR.run(&mut conn).await
+}
+
+/// Inbox statements for one schema.
+#[derive(Debug, Clone)]
+pub struct Inbox {
+    schema: SchemaName,
+    record_sql: String,
+}
+
+impl Inbox {
+    /// Statements for `schema`.
+    pub fn new(schema: SchemaName) -> Self {
+        let record_sql = format!(
+            "INSERT INTO {} (group_id, event_id, topic, \"partition\", \"offset\") VALUES ($1, $2, $3, $4, $5) \
+             ON CONFLICT (group_id, event_id) DO NOTHING",
+            schema.table("inbox")
+        );
+        Self { schema, record_sql }
+    }
+
+    /// Records `msg` for `group` in the caller's transaction. `false` when it was already processed.
+    pub async fn record(
+        &self,
+        conn: &mut PgConnection,
+        group: &str,
+        msg: &Message,
+    ) -> Result<bool, sqlx::Error> {
+        let r = sqlx::query(&self.record_sql)
+            .bind(group)
+            .bind(msg.event_id)
+            .bind(&msg.topic)
+            .bind(msg.partition)
+            .bind(msg.offset)
+            .execute(conn)
+            .await?;
+        Ok(r.rows_affected() == 1)
+    }
+
+    /// Deletes rows older than `window`, at most `batch` per statement, until none are left. Returns how
+    /// many went. Bounded batches keep locks and WAL bursts small.
+    pub async fn expire(
+        &self,
+        pool: &PgPool,
+        window: Duration,
+        batch: i64,
+    ) -> Result<u64, sqlx::Error> {
+        let sql = format!(
+            "DELETE FROM {t} WHERE ctid = ANY(ARRAY(SELECT ctid FROM {t} WHERE processed_at < now() - $1 * interval '1 second' \
+             ORDER BY processed_at LIMIT $2))",
+            t = self.schema.table("inbox")
+        );
+        let mut total = 0;
+        loop {
+            let n = sqlx::query(&sql)
+                .bind(window.as_secs_f64())
+                .bind(batch)
+                .execute(pool)
+                .await?
+                .rows_affected();
+            total += n;
+            if n < batch as u64 {
+                return Ok(total);
+            }
+        }
+    }
+}

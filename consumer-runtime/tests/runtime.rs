@@ -1,0 +1,195 @@
+//! The runtime against a real PostgreSQL and librdkafka's mock cluster.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use consumer_runtime::metrics::Metrics;
+use consumer_runtime::{Handler, HandlerError, Message, RetryPolicy, Runtime, RuntimeConfig};
+use outbox::SchemaName;
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use sqlx::{PgPool, Postgres, Transaction};
+use test_support::kafka::mock_cluster;
+use test_support::wait_for;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+const TOPIC: &str = "orders";
+
+/// Writes one `effects` row per handled event (no unique constraint: a duplicate effect would show).
+/// Payload "fail-N" fails retriably N times; "poison" fails permanently.
+#[derive(Clone, Default)]
+struct Effects {
+    failures: Arc<Mutex<HashMap<Uuid, u32>>>,
+}
+
+impl Handler for Effects {
+    async fn handle(&self, msg: &Message, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
+        let body = String::from_utf8_lossy(&msg.payload).to_string();
+        if body == "poison" {
+            return Err(HandlerError::Permanent("poison payload".into()));
+        }
+        if let Some(n) = body.strip_prefix("fail-").and_then(|n| n.parse::<u32>().ok()) {
+            let mut f = self.failures.lock().unwrap();
+            let seen = f.entry(msg.event_id).or_insert(0);
+            if *seen < n {
+                *seen += 1;
+                return Err(HandlerError::Retriable(format!("failure {seen} of {n}")));
+            }
+        }
+        sqlx::query("INSERT INTO effects (event_id, payload) VALUES ($1, $2)")
+            .bind(msg.event_id)
+            .bind(body)
+            .execute(&mut **tx)
+            .await
+            .map_err(|e| HandlerError::Retriable(e.to_string()))?;
+        Ok(())
+    }
+}
+
+async fn setup() -> PgPool {
+    let db = test_support::pg::fresh_db().await;
+    consumer_runtime::inbox::migrate(&db.pool, &SchemaName::new("inbox").unwrap()).await.unwrap();
+    sqlx::query("CREATE TABLE effects (event_id uuid NOT NULL, payload text NOT NULL)").execute(&db.pool).await.unwrap();
+    db.pool
+}
+
+fn config(brokers: String, group: &str) -> RuntimeConfig {
+    RuntimeConfig {
+        group_id: group.into(),
+        topics: vec![TOPIC.into()],
+        brokers,
+        kafka_extra: vec![],
+        inbox_schema: SchemaName::new("inbox").unwrap(),
+        retry: RetryPolicy {
+            max_attempts: 3,
+            backoff_base: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(1),
+        },
+        session_timeout: Duration::from_secs(6),
+        instance_id: "test".into(),
+    }
+}
+
+async fn produce(brokers: &str, records: &[(Option<Uuid>, &str, &str)]) {
+    let p: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    for (id, key, payload) in records {
+        let mut headers = OwnedHeaders::new();
+        let id_text = id.map(|i| i.to_string());
+        if let Some(t) = &id_text {
+            headers = headers.insert(Header { key: "event_id", value: Some(t.as_bytes()) });
+        }
+        p.send(FutureRecord::to(TOPIC).key(*key).payload(*payload).headers(headers), Duration::from_secs(10))
+            .await
+            .unwrap();
+    }
+}
+
+async fn count(pool: &PgPool, sql: &str) -> i64 {
+    sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
+}
+
+fn start(pool: &PgPool, cfg: RuntimeConfig) -> (Arc<Metrics>, CancellationToken, tokio::task::JoinHandle<()>) {
+    let metrics = Arc::new(Metrics::default());
+    let rt = Runtime::new(cfg, pool.clone(), Effects::default(), metrics.clone()).unwrap();
+    let stop = CancellationToken::new();
+    let s = stop.clone();
+    let task = tokio::spawn(async move { rt.run(s).await.unwrap() });
+    (metrics, stop, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_deliveries_have_one_effect() {
+    let pool = setup().await;
+    let mock = mock_cluster(1, &[(TOPIC, 3)]);
+    let ids: Vec<Uuid> = (0..100).map(|_| Uuid::now_v7()).collect();
+    let mut records: Vec<(Option<Uuid>, &str, &str)> = ids.iter().map(|id| (Some(*id), "k", "ok")).collect();
+    records.extend(ids.iter().take(40).map(|id| (Some(*id), "k", "ok"))); // the relay re-sent 40 after a crash
+    produce(&mock.bootstrap_servers(), &records).await;
+
+    let (metrics, stop, task) = start(&pool, config(mock.bootstrap_servers(), "pharmacy"));
+    wait_for("140 deliveries handled", Duration::from_secs(30), || async {
+        (metrics.processed.get() + metrics.duplicates.get() == 140).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 100, "one effect per event");
+    assert_eq!(count(&pool, "SELECT count(DISTINCT event_id) FROM effects").await, 100);
+    assert_eq!(metrics.duplicates.get(), 40);
+    assert_eq!(count(&pool, "SELECT count(*) FROM inbox.inbox WHERE group_id = 'pharmacy'").await, 100);
+
+    // A second group sees every event once more, independently.
+    let (m2, stop, task) = start(&pool, config(mock.bootstrap_servers(), "notification"));
+    wait_for("second group done", Duration::from_secs(30), || async {
+        (m2.processed.get() + m2.duplicates.get() == 140).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retriable_failures_retry_with_backoff_and_other_partitions_flow() {
+    let pool = setup().await;
+    let mock = mock_cluster(1, &[(TOPIC, 2), ("orders.dlq", 1)]);
+    let flaky = Uuid::now_v7();
+    let mut records = vec![(Some(flaky), "a", "fail-2")];
+    let others: Vec<Uuid> = (0..20).map(|_| Uuid::now_v7()).collect();
+    records.extend(others.iter().map(|id| (Some(*id), "b", "ok")));
+    produce(&mock.bootstrap_servers(), &records).await;
+
+    let (metrics, stop, task) = start(&pool, config(mock.bootstrap_servers(), "g"));
+    wait_for("all handled", Duration::from_secs(30), || async { (metrics.processed.get() == 21).then_some(()) }).await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(metrics.retries.get(), 2, "two failures, two retries");
+    assert_eq!(metrics.dead_lettered.get(), 0);
+    assert_eq!(count(&pool, &format!("SELECT count(*) FROM effects WHERE event_id = '{flaky}'")).await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_exhausted_and_undecodable_records_go_to_the_dlq_and_the_rest_flow() {
+    let pool = setup().await;
+    let mock = mock_cluster(1, &[(TOPIC, 1), ("orders.dlq", 1)]);
+    let (poison, stubborn, good) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+    produce(
+        &mock.bootstrap_servers(),
+        &[(Some(poison), "k", "poison"), (None, "k", "no event id"), (Some(stubborn), "k", "fail-9"), (Some(good), "k", "ok")],
+    )
+    .await;
+    let (metrics, stop, task) = start(&pool, config(mock.bootstrap_servers(), "g"));
+    wait_for("the good one handled", Duration::from_secs(30), || async { (metrics.processed.get() == 1).then_some(()) }).await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(metrics.dead_lettered.get(), 3);
+    let dlq = test_support::kafka::read_topic(&mock.bootstrap_servers(), "orders.dlq").unwrap();
+    let reasons: Vec<&str> = dlq.iter().map(|r| r.headers["dlq.reason"].as_str()).collect();
+    assert_eq!(reasons.len(), 3, "{reasons:?}");
+    assert!(reasons[0].starts_with("permanent: poison payload"), "{reasons:?}");
+    assert!(reasons[1].contains("no `event_id` header"), "{reasons:?}");
+    assert!(reasons[2].starts_with("gave up after 3 attempts"), "{reasons:?}");
+    assert_eq!(dlq[1].payload, b"no event id", "the original record is kept");
+    assert!(dlq.iter().all(|r| r.headers["dlq.group"] == "g"));
+    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 1, "failed handlers left no effects");
+}
+
+#[tokio::test]
+async fn inbox_expiry_removes_old_rows_in_bounded_batches() {
+    let pool = setup().await;
+    sqlx::query(
+        "INSERT INTO inbox.inbox (group_id, event_id, topic, \"partition\", \"offset\", processed_at) \
+         SELECT 'g', gen_random_uuid(), 't', 0, n, now() - (CASE WHEN n <= 25 THEN interval '8 days' ELSE interval '1 hour' END) \
+         FROM generate_series(1, 40) n",
+    )
+    .execute(&pool)
+    .await
+    .unwrap();
+    let inbox = consumer_runtime::inbox::Inbox::new(SchemaName::new("inbox").unwrap());
+    let removed = inbox.expire(&pool, Duration::from_secs(7 * 86_400), 10).await.unwrap();
+    assert_eq!(removed, 25);
+    assert_eq!(count(&pool, "SELECT count(*) FROM inbox.inbox").await, 15);
+}
