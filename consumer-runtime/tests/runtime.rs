@@ -26,12 +26,19 @@ struct Effects {
 }
 
 impl Handler for Effects {
-    async fn handle(&self, msg: &Message, tx: &mut Transaction<'static, Postgres>) -> Result<(), HandlerError> {
+    async fn handle(
+        &self,
+        msg: &Message,
+        tx: &mut Transaction<'static, Postgres>,
+    ) -> Result<(), HandlerError> {
         let body = String::from_utf8_lossy(&msg.payload).to_string();
         if body == "poison" {
             return Err(HandlerError::Permanent("poison payload".into()));
         }
-        if let Some(n) = body.strip_prefix("fail-").and_then(|n| n.parse::<u32>().ok()) {
+        if let Some(n) = body
+            .strip_prefix("fail-")
+            .and_then(|n| n.parse::<u32>().ok())
+        {
             let mut f = self.failures.lock().unwrap();
             let seen = f.entry(msg.event_id).or_insert(0);
             if *seen < n {
@@ -51,8 +58,13 @@ impl Handler for Effects {
 
 async fn setup() -> PgPool {
     let db = test_support::pg::fresh_db().await;
-    consumer_runtime::inbox::migrate(&db.pool, &SchemaName::new("inbox").unwrap()).await.unwrap();
-    sqlx::query("CREATE TABLE effects (event_id uuid NOT NULL, payload text NOT NULL)").execute(&db.pool).await.unwrap();
+    consumer_runtime::inbox::migrate(&db.pool, &SchemaName::new("inbox").unwrap())
+        .await
+        .unwrap();
+    sqlx::query("CREATE TABLE effects (event_id uuid NOT NULL, payload text NOT NULL)")
+        .execute(&db.pool)
+        .await
+        .unwrap();
     db.pool
 }
 
@@ -74,16 +86,28 @@ fn config(brokers: String, group: &str) -> RuntimeConfig {
 }
 
 async fn produce(brokers: &str, records: &[(Option<Uuid>, &str, &str)]) {
-    let p: FutureProducer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+    let p: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .create()
+        .unwrap();
     for (id, key, payload) in records {
         let mut headers = OwnedHeaders::new();
         let id_text = id.map(|i| i.to_string());
         if let Some(t) = &id_text {
-            headers = headers.insert(Header { key: "event_id", value: Some(t.as_bytes()) });
+            headers = headers.insert(Header {
+                key: "event_id",
+                value: Some(t.as_bytes()),
+            });
         }
-        p.send(FutureRecord::to(TOPIC).key(*key).payload(*payload).headers(headers), Duration::from_secs(10))
-            .await
-            .unwrap();
+        p.send(
+            FutureRecord::to(TOPIC)
+                .key(*key)
+                .payload(*payload)
+                .headers(headers),
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
     }
 }
 
@@ -91,7 +115,10 @@ async fn count(pool: &PgPool, sql: &str) -> i64 {
     sqlx::query_scalar(sql).fetch_one(pool).await.unwrap()
 }
 
-fn start(pool: &PgPool, cfg: RuntimeConfig) -> (Arc<Metrics>, CancellationToken, tokio::task::JoinHandle<()>) {
+fn start(
+    pool: &PgPool,
+    cfg: RuntimeConfig,
+) -> (Arc<Metrics>, CancellationToken, tokio::task::JoinHandle<()>) {
     let metrics = Arc::new(Metrics::default());
     let rt = Runtime::new(cfg, pool.clone(), Effects::default(), metrics.clone()).unwrap();
     let stop = CancellationToken::new();
@@ -105,21 +132,38 @@ async fn duplicate_deliveries_have_one_effect() {
     let pool = setup().await;
     let mock = mock_cluster(1, &[(TOPIC, 3)]);
     let ids: Vec<Uuid> = (0..100).map(|_| Uuid::now_v7()).collect();
-    let mut records: Vec<(Option<Uuid>, &str, &str)> = ids.iter().map(|id| (Some(*id), "k", "ok")).collect();
+    let mut records: Vec<(Option<Uuid>, &str, &str)> =
+        ids.iter().map(|id| (Some(*id), "k", "ok")).collect();
     records.extend(ids.iter().take(40).map(|id| (Some(*id), "k", "ok"))); // the relay re-sent 40 after a crash
     produce(&mock.bootstrap_servers(), &records).await;
 
     let (metrics, stop, task) = start(&pool, config(mock.bootstrap_servers(), "pharmacy"));
-    wait_for("140 deliveries handled", Duration::from_secs(30), || async {
-        (metrics.processed.get() + metrics.duplicates.get() == 140).then_some(())
-    })
+    wait_for(
+        "140 deliveries handled",
+        Duration::from_secs(30),
+        || async { (metrics.processed.get() + metrics.duplicates.get() == 140).then_some(()) },
+    )
     .await;
     stop.cancel();
     task.await.unwrap();
-    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 100, "one effect per event");
-    assert_eq!(count(&pool, "SELECT count(DISTINCT event_id) FROM effects").await, 100);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM effects").await,
+        100,
+        "one effect per event"
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(DISTINCT event_id) FROM effects").await,
+        100
+    );
     assert_eq!(metrics.duplicates.get(), 40);
-    assert_eq!(count(&pool, "SELECT count(*) FROM inbox.inbox WHERE group_id = 'pharmacy'").await, 100);
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM inbox.inbox WHERE group_id = 'pharmacy'"
+        )
+        .await,
+        100
+    );
 
     // A second group sees every event once more, independently.
     let (m2, stop, task) = start(&pool, config(mock.bootstrap_servers(), "notification"));
@@ -143,12 +187,22 @@ async fn retriable_failures_retry_with_backoff_and_other_partitions_flow() {
     produce(&mock.bootstrap_servers(), &records).await;
 
     let (metrics, stop, task) = start(&pool, config(mock.bootstrap_servers(), "g"));
-    wait_for("all handled", Duration::from_secs(30), || async { (metrics.processed.get() == 21).then_some(()) }).await;
+    wait_for("all handled", Duration::from_secs(30), || async {
+        (metrics.processed.get() == 21).then_some(())
+    })
+    .await;
     stop.cancel();
     task.await.unwrap();
     assert_eq!(metrics.retries.get(), 2, "two failures, two retries");
     assert_eq!(metrics.dead_lettered.get(), 0);
-    assert_eq!(count(&pool, &format!("SELECT count(*) FROM effects WHERE event_id = '{flaky}'")).await, 1);
+    assert_eq!(
+        count(
+            &pool,
+            &format!("SELECT count(*) FROM effects WHERE event_id = '{flaky}'")
+        )
+        .await,
+        1
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,23 +212,47 @@ async fn permanent_exhausted_and_undecodable_records_go_to_the_dlq_and_the_rest_
     let (poison, stubborn, good) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     produce(
         &mock.bootstrap_servers(),
-        &[(Some(poison), "k", "poison"), (None, "k", "no event id"), (Some(stubborn), "k", "fail-9"), (Some(good), "k", "ok")],
+        &[
+            (Some(poison), "k", "poison"),
+            (None, "k", "no event id"),
+            (Some(stubborn), "k", "fail-9"),
+            (Some(good), "k", "ok"),
+        ],
     )
     .await;
     let (metrics, stop, task) = start(&pool, config(mock.bootstrap_servers(), "g"));
-    wait_for("the good one handled", Duration::from_secs(30), || async { (metrics.processed.get() == 1).then_some(()) }).await;
+    wait_for("the good one handled", Duration::from_secs(30), || async {
+        (metrics.processed.get() == 1).then_some(())
+    })
+    .await;
     stop.cancel();
     task.await.unwrap();
     assert_eq!(metrics.dead_lettered.get(), 3);
     let dlq = test_support::kafka::read_topic(&mock.bootstrap_servers(), "orders.dlq").unwrap();
-    let reasons: Vec<&str> = dlq.iter().map(|r| r.headers["dlq.reason"].as_str()).collect();
+    let reasons: Vec<&str> = dlq
+        .iter()
+        .map(|r| r.headers["dlq.reason"].as_str())
+        .collect();
     assert_eq!(reasons.len(), 3, "{reasons:?}");
-    assert!(reasons[0].starts_with("permanent: poison payload"), "{reasons:?}");
+    assert!(
+        reasons[0].starts_with("permanent: poison payload"),
+        "{reasons:?}"
+    );
     assert!(reasons[1].contains("no `event_id` header"), "{reasons:?}");
-    assert!(reasons[2].starts_with("gave up after 3 attempts"), "{reasons:?}");
-    assert_eq!(dlq[1].payload, b"no event id", "the original record is kept");
+    assert!(
+        reasons[2].starts_with("gave up after 3 attempts"),
+        "{reasons:?}"
+    );
+    assert_eq!(
+        dlq[1].payload, b"no event id",
+        "the original record is kept"
+    );
     assert!(dlq.iter().all(|r| r.headers["dlq.group"] == "g"));
-    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 1, "failed handlers left no effects");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM effects").await,
+        1,
+        "failed handlers left no effects"
+    );
 }
 
 #[tokio::test]
@@ -189,7 +267,10 @@ async fn inbox_expiry_removes_old_rows_in_bounded_batches() {
     .await
     .unwrap();
     let inbox = consumer_runtime::inbox::Inbox::new(SchemaName::new("inbox").unwrap());
-    let removed = inbox.expire(&pool, Duration::from_secs(7 * 86_400), 10).await.unwrap();
+    let removed = inbox
+        .expire(&pool, Duration::from_secs(7 * 86_400), 10)
+        .await
+        .unwrap();
     assert_eq!(removed, 25);
     assert_eq!(count(&pool, "SELECT count(*) FROM inbox.inbox").await, 15);
 }
