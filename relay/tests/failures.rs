@@ -41,17 +41,29 @@ fn small_limit(poison: PoisonPolicy) -> relay::RelayConfig {
     cfg
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn oversized_event_is_dead_lettered_and_parks_only_its_key() {
+/// The poison scenario, drained once by a relay with a 10 kB limit, DLQ on, and `poison` policy.
+async fn poisoned_and_drained(
+    poison: PoisonPolicy,
+) -> (
+    test_support::pg::TestDb,
+    test_support::kafka::Mock,
+    InProcess,
+) {
     let db = migrated_db().await;
     let mock = mock_cluster(1, &[(TOPIC, 3), ("orders.dlq", 1)]);
     insert_with_poison(&db.pool).await;
     let r = in_process(
         &db.pool,
-        small_limit(PoisonPolicy::ParkKey),
+        small_limit(poison),
         kafka(mock.bootstrap_servers()),
     );
     drain(&r.relay).await;
+    (db, mock, r)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_event_is_dead_lettered_and_parks_only_its_key() {
+    let (db, mock, r) = poisoned_and_drained(PoisonPolicy::ParkKey).await;
 
     let dead = tools::dead_list(
         &db.pool,
@@ -130,15 +142,7 @@ async fn oversized_event_is_dead_lettered_and_parks_only_its_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skip_policy_lets_the_key_continue() {
-    let db = migrated_db().await;
-    let mock = mock_cluster(1, &[(TOPIC, 3), ("orders.dlq", 1)]);
-    insert_with_poison(&db.pool).await;
-    let r = in_process(
-        &db.pool,
-        small_limit(PoisonPolicy::Skip),
-        kafka(mock.bootstrap_servers()),
-    );
-    drain(&r.relay).await;
+    let (db, mock, _relay) = poisoned_and_drained(PoisonPolicy::Skip).await;
     assert_eq!(count(&db.pool, "outbox.events").await, 0);
     let dead = tools::dead_list(
         &db.pool,
