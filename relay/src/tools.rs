@@ -144,6 +144,14 @@ pub struct DeadSelector {
 }
 
 impl DeadSelector {
+    /// The dead events of one key.
+    pub fn key(key: impl Into<String>) -> Self {
+        Self {
+            key: Some(key.into()),
+            ..Self::default()
+        }
+    }
+
     fn sql(&self) -> &'static str {
         "($1::uuid IS NULL OR event_id = $1) AND ($2::text IS NULL OR key = $2) AND ($3::text IS NULL OR topic = $3)"
     }

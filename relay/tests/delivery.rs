@@ -235,14 +235,22 @@ async fn notify_wakes_the_relay_long_before_the_poll_interval() {
     let r = in_process(&db.pool, cfg, kafka(mock.bootstrap_servers()));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let run = spawn_run(r.relay.clone(), shutdown.clone());
-    tokio::time::sleep(Duration::from_millis(500)).await; // the relay has polled once and is waiting
-    insert_events(&db.pool, 1, 1, 0).await;
-    wait_for(
-        "delivery woken by NOTIFY",
-        Duration::from_secs(10),
-        || async { (count(&db.pool, "outbox.events").await == 0).then_some(()) },
-    )
-    .await;
+    // After a partial batch the relay sleeps for the 60 s poll interval, so at least the second
+    // delivery can only come from a NOTIFY waking it.
+    for round in 0..2 {
+        insert_events(&db.pool, 1, 1, round).await;
+        wait_for(
+            "delivery woken by NOTIFY",
+            Duration::from_secs(10),
+            || async { (count(&db.pool, "outbox.events").await == 0).then_some(()) },
+        )
+        .await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    assert_eq!(
+        metric(&r.metrics.render(), "outbox_relay_published_total"),
+        2.0
+    );
     shutdown.cancel();
     run.await.unwrap();
 }

@@ -125,10 +125,7 @@ async fn oversized_event_is_dead_lettered_and_parks_only_its_key() {
     let n = tools::dead_discard(
         &db.pool,
         &SchemaName::default(),
-        &DeadSelector {
-            key: Some("key-a".into()),
-            ..Default::default()
-        },
+        &DeadSelector::key("key-a"),
     )
     .await
     .unwrap();
@@ -175,10 +172,7 @@ async fn redrive_puts_the_event_back_before_later_events_of_its_key() {
     let n = tools::dead_redrive(
         &db.pool,
         &SchemaName::default(),
-        &DeadSelector {
-            key: Some("key-a".into()),
-            ..Default::default()
-        },
+        &DeadSelector::key("key-a"),
     )
     .await
     .unwrap();

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::io::Read;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -159,13 +158,7 @@ async fn sigterm_finishes_the_batch_and_exits_zero() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status}");
-    let mut err = String::new();
-    relay
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = stderr_of(&mut relay);
     assert!(err.contains("stopped cleanly"), "{err}");
     // Whatever was claimed was settled: everything in Kafka left the outbox, no more, no less.
     let delivered = read(&mock.bootstrap_servers(), TOPIC).len() as i64;
@@ -225,20 +218,8 @@ fn bad_settings_exit_2_with_one_line_naming_the_setting() {
 async fn database_down_at_startup_is_retried_with_one_line_per_attempt() {
     let dead_port = free_port();
     let url = format!("postgres://postgres@127.0.0.1:{dead_port}/x");
-    let mut relay = spawn_binary(&url, "127.0.0.1:1", free_port(), &[]);
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(
-        relay.try_wait().unwrap().is_none(),
-        "keeps retrying instead of crashing"
-    );
-    sigkill(&mut relay);
-    let mut err = String::new();
-    relay
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let relay = spawn_binary(&url, "127.0.0.1:1", free_port(), &[]);
+    let err = still_running_after(relay, Duration::from_secs(3)).await;
     let attempts: Vec<&str> = err
         .lines()
         .filter(|l| l.contains("database unreachable (attempt"))
@@ -300,25 +281,13 @@ async fn broker_down_at_startup_is_retried_and_migrate_and_dead_list_work() {
         "redrive without a selector is refused"
     );
 
-    let mut relay = spawn_binary(
+    let relay = spawn_binary(
         &db.url,
         &format!("127.0.0.1:{}", free_port()),
         free_port(),
         &["--log-format", "json"],
     );
-    tokio::time::sleep(Duration::from_secs(5)).await;
-    assert!(
-        relay.try_wait().unwrap().is_none(),
-        "keeps retrying the broker"
-    );
-    sigkill(&mut relay);
-    let mut err = String::new();
-    relay
-        .stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut err)
-        .unwrap();
+    let err = still_running_after(relay, Duration::from_secs(5)).await;
     let first = err
         .lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())

@@ -193,6 +193,32 @@ pub fn spawn_binary(db_url: &str, brokers: &str, http_port: u16, extra: &[&str])
         .expect("spawn outbox-relay")
 }
 
+/// Everything the child wrote to stderr (after it has exited).
+pub fn stderr_of(child: &mut Child) -> String {
+    use std::io::Read;
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .expect("stderr piped")
+        .read_to_string(&mut err)
+        .unwrap();
+    err
+}
+
+/// Asserts the child is still running after `wait` (it retries instead of crashing), kills it and
+/// returns its stderr.
+pub async fn still_running_after(mut child: Child, wait: Duration) -> String {
+    tokio::time::sleep(wait).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "exited instead of retrying: {}",
+        stderr_of(&mut child)
+    );
+    sigkill(&mut child);
+    stderr_of(&mut child)
+}
+
 pub fn sigkill(child: &mut Child) {
     child.kill().unwrap();
     child.wait().unwrap();
