@@ -1,9 +1,11 @@
 //! The inbox table: deduplication key and delivery receipt, written in the handler's transaction.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use outbox::SchemaName;
 use sqlx::{Executor, PgConnection, PgPool};
+use uuid::Uuid;
 
 use crate::Message;
 
@@ -30,6 +32,7 @@ pub async fn migrate(
 pub struct Inbox {
     schema: SchemaName,
     record_sql: String,
+    record_all_sql: String,
 }
 
 impl Inbox {
@@ -40,7 +43,17 @@ impl Inbox {
              ON CONFLICT (group_id, event_id) DO NOTHING",
             schema.table("inbox")
         );
-        Self { schema, record_sql }
+        let record_all_sql = format!(
+            "INSERT INTO {} (group_id, event_id, topic, \"partition\", \"offset\") \
+             SELECT $1, e, $2, $3, o FROM UNNEST($4::uuid[], $5::bigint[]) AS u(e, o) \
+             ON CONFLICT (group_id, event_id) DO NOTHING RETURNING event_id",
+            schema.table("inbox")
+        );
+        Self {
+            schema,
+            record_sql,
+            record_all_sql,
+        }
     }
 
     /// Records `msg` for `group` in the caller's transaction. `false` when it was already processed.
@@ -59,6 +72,29 @@ impl Inbox {
             .execute(conn)
             .await?;
         Ok(r.rows_affected() == 1)
+    }
+
+    /// Records a run of messages from one partition in one statement. Returns the event ids that were
+    /// new (the others were processed before, or appear twice in the run).
+    pub async fn record_all(
+        &self,
+        conn: &mut PgConnection,
+        group: &str,
+        topic: &str,
+        partition: i32,
+        msgs: &[Message],
+    ) -> Result<HashSet<Uuid>, sqlx::Error> {
+        let ids: Vec<Uuid> = msgs.iter().map(|m| m.event_id).collect();
+        let offsets: Vec<i64> = msgs.iter().map(|m| m.offset).collect();
+        sqlx::query_scalar(&self.record_all_sql)
+            .bind(group)
+            .bind(topic)
+            .bind(partition)
+            .bind(&ids)
+            .bind(&offsets)
+            .fetch_all(conn)
+            .await
+            .map(|v| v.into_iter().collect())
     }
 
     /// Deletes rows older than `window`, at most `batch` per statement, until none are left. Returns how

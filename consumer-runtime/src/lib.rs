@@ -2,11 +2,13 @@
 //!
 //! For each record: begin a transaction, insert the inbox row `(group_id, event_id)` (`ON CONFLICT DO
 //! NOTHING`), and only if it is new run the [`Handler`] in the same transaction; commit; then store the
-//! offset. A redelivered event finds its inbox row and is skipped, so effects happen once. Retriable
-//! failures pause the partition and retry with backoff; permanent ones, undecodable records and exhausted
-//! retries go to `<topic>.dlq` with `dlq.*` headers before the offset moves.
+//! offset. A redelivered event finds its inbox row and is skipped, so effects happen once. Records of one
+//! partition that arrive together share a transaction. Retriable failures pause the partition and retry
+//! with backoff; permanent ones, undecodable records and exhausted retries go to `<topic>.dlq` with
+//! `dlq.*` headers before the offset moves.
 
 pub mod decide;
+pub mod health;
 pub mod inbox;
 pub mod message;
 pub mod metrics;
@@ -14,4 +16,4 @@ mod runtime;
 
 pub use decide::{HandlerError, RetryPolicy};
 pub use message::Message;
-pub use runtime::{Handler, Runtime, RuntimeConfig};
+pub use runtime::{CommitObserver, Handler, Runtime, RuntimeConfig};

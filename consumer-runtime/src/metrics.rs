@@ -1,8 +1,23 @@
 //! Prometheus metrics of a consumer.
 
+use std::collections::HashSet;
+use std::sync::Mutex;
+
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+
+/// Labels of a per-partition series.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TopicPartition {
+    /// Topic name.
+    pub topic: String,
+    /// Partition number.
+    pub partition: i32,
+}
 
 /// Every metric the runtime exports (prefix `outbox_consumer`).
 pub struct Metrics {
@@ -18,8 +33,17 @@ pub struct Metrics {
     pub dead_lettered: Counter,
     /// Attempts that failed on the database (retried, never dead-lettered).
     pub database_errors: Counter,
-    /// Handler time, inbox insert to commit.
+    /// Time in the handler for one event.
     pub handler_seconds: Histogram,
+    /// From the start of an event's handler to the commit of its transaction.
+    pub handler_to_commit_seconds: Histogram,
+    /// Events per transaction (a run of one partition).
+    pub batch_size: Histogram,
+    /// Records behind the committed offset, per assigned partition (from librdkafka statistics).
+    pub lag: Family<TopicPartition, Gauge>,
+    /// Partitions owned by this member.
+    pub assigned_partitions: Gauge,
+    lag_series: Mutex<HashSet<TopicPartition>>,
 }
 
 impl Default for Metrics {
@@ -32,7 +56,12 @@ impl Default for Metrics {
             retries: Counter::default(),
             dead_lettered: Counter::default(),
             database_errors: Counter::default(),
-            handler_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            handler_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            handler_to_commit_seconds: Histogram::new(exponential_buckets(0.0001, 2.0, 18)),
+            batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
+            lag: Family::default(),
+            assigned_partitions: Gauge::default(),
+            lag_series: Mutex::default(),
         };
         registry.register(
             "processed",
@@ -57,19 +86,77 @@ impl Default for Metrics {
         );
         registry.register(
             "handler_seconds",
-            "Handler time including the commit",
+            "Time in the handler for one event",
             m.handler_seconds.clone(),
+        );
+        registry.register(
+            "handler_to_commit_seconds",
+            "From the start of an event's handler to the commit of its transaction",
+            m.handler_to_commit_seconds.clone(),
+        );
+        registry.register(
+            "batch_size",
+            "Events per inbox transaction",
+            m.batch_size.clone(),
+        );
+        registry.register(
+            "lag",
+            "Records behind the committed offset, per assigned partition",
+            m.lag.clone(),
+        );
+        registry.register(
+            "assigned_partitions",
+            "Partitions owned by this member",
+            m.assigned_partitions.clone(),
         );
         Self { registry, ..m }
     }
 }
 
 impl Metrics {
-    /// Renders the Prometheus text format.
+    /// Renders the OpenMetrics text format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+        outbox::surfaces::render(&self.registry)
+    }
+
+    /// Replaces the lag series with `current`; partitions no longer owned disappear.
+    pub fn set_lag(&self, current: impl IntoIterator<Item = (TopicPartition, i64)>) {
+        let mut series = self.lag_series.lock().unwrap();
+        let mut now = HashSet::new();
+        for (tp, lag) in current {
+            self.lag.get_or_create(&tp).set(lag);
+            now.insert(tp);
+        }
+        for gone in series.difference(&now) {
+            self.lag.remove(gone);
+        }
+        *series = now;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_series_follow_the_assignment() {
+        let m = Metrics::default();
+        let tp = |p| TopicPartition {
+            topic: "orders".into(),
+            partition: p,
+        };
+        m.set_lag([(tp(0), 5), (tp(1), 7)]);
+        let text = m.render();
+        assert!(
+            text.contains(r#"outbox_consumer_lag{topic="orders",partition="1"} 7"#),
+            "{text}"
+        );
+        m.set_lag([(tp(0), 2)]);
+        let text = m.render();
+        assert!(text.contains(r#"outbox_consumer_lag{topic="orders",partition="0"} 2"#));
+        assert!(
+            !text.contains(r#"partition="1""#),
+            "revoked partition still exported:\n{text}"
+        );
     }
 }

@@ -1,10 +1,16 @@
-//! The consume loop: inbox row + handler effects in one transaction, then the offset.
+//! The consume loop: inbox rows + handler effects in one transaction, then the offset.
+//!
+//! Records are drained from librdkafka in batches and grouped into runs per partition. A run is handled
+//! in one transaction (one inbox statement for the whole run, then the handler for each new event), runs
+//! of different partitions concurrently. Any handler failure rolls the run back and replays it one event
+//! per transaction, so retries, the DLQ and the stored offset are decided for each event on its own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::{FutureExt, StreamExt};
 use outbox::SchemaName;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{
@@ -13,17 +19,20 @@ use rdkafka::consumer::{
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message as _, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::statistics::Statistics;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use sqlx::{PgPool, Postgres, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::decide::{self, HandlerError, Next, RetryPolicy};
+use crate::health::Health;
 use crate::inbox::Inbox;
 use crate::message::{decode, Message};
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, TopicPartition};
 
 /// Application logic run for each new event, inside the transaction that also records the inbox row.
-/// Write effects through `tx`; return `Err` to roll them back.
+/// Write effects through `tx`; return `Err` to roll them back. Several events of one partition may share
+/// a transaction; a failure of any of them replays each in its own.
 pub trait Handler: Send + Sync + 'static {
     /// Handles one event.
     fn handle(
@@ -52,24 +61,91 @@ pub struct RuntimeConfig {
     pub session_timeout: Duration,
     /// Name of this instance in logs.
     pub instance_id: String,
+    /// Most events handled in one transaction (1 = one transaction per event).
+    pub batch_size: usize,
+    /// Partitions handled at the same time (each needs a database connection).
+    pub concurrency: usize,
+    /// Inbox rows older than this are deleted in bounded batches; `None` keeps them.
+    pub inbox_retention: Option<Duration>,
 }
 
-/// Commits stored offsets before partitions are taken away, so the next owner starts after them.
-struct RebalanceCommit {
+impl RuntimeConfig {
+    /// Defaults for everything but the group, topics and brokers.
+    pub fn new(
+        group_id: impl Into<String>,
+        topics: Vec<String>,
+        brokers: impl Into<String>,
+    ) -> Self {
+        let group_id = group_id.into();
+        Self {
+            instance_id: format!("{group_id}-{}", std::process::id()),
+            group_id,
+            topics,
+            brokers: brokers.into(),
+            kafka_extra: vec![],
+            inbox_schema: SchemaName::new(crate::inbox::DEFAULT_SCHEMA).expect("valid default"),
+            retry: RetryPolicy {
+                max_attempts: 5,
+                backoff_base: Duration::from_millis(200),
+                backoff_max: Duration::from_secs(30),
+            },
+            session_timeout: Duration::from_secs(10),
+            batch_size: 500,
+            concurrency: 4,
+            inbox_retention: None,
+        }
+    }
+}
+
+/// librdkafka callbacks: commit before partitions move; readiness and lag from statistics.
+struct Callbacks {
     group: String,
+    health: Arc<Health>,
+    metrics: Arc<Metrics>,
 }
 
-impl ClientContext for RebalanceCommit {}
+impl ClientContext for Callbacks {
+    fn stats(&self, s: Statistics) {
+        let up = s.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
+        self.health.set_broker(up);
+        let lag = s.topics.iter().flat_map(|(topic, t)| {
+            t.partitions
+                .iter()
+                .filter(|(p, part)| {
+                    **p >= 0 && part.consumer_lag >= 0 && part.fetch_state != "none"
+                })
+                .map(|(p, part)| {
+                    let tp = TopicPartition {
+                        topic: topic.clone(),
+                        partition: *p,
+                    };
+                    (tp, part.consumer_lag)
+                })
+        });
+        self.metrics.set_lag(lag);
+    }
 
-impl ConsumerContext for RebalanceCommit {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.health.set_broker(false);
+        }
+        tracing::warn!(group = %self.group, "kafka: {error}: {reason}");
+    }
+}
+
+impl ConsumerContext for Callbacks {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(group = %self.group, partitions = tpl.count(), "partitions revoked; committing processed offsets");
                 commit_stored(consumer);
+                self.health.set_assigned(0);
+                self.metrics.assigned_partitions.set(0);
             }
             Rebalance::Assign(tpl) => {
-                tracing::info!(group = %self.group, partitions = tpl.count(), "partitions assigned")
+                tracing::info!(group = %self.group, partitions = tpl.count(), "partitions assigned");
+                self.health.set_assigned(tpl.count());
+                self.metrics.assigned_partitions.set(tpl.count() as i64);
             }
             Rebalance::Error(e) => tracing::warn!(group = %self.group, "rebalance error: {e}"),
         }
@@ -83,13 +159,32 @@ fn commit_stored<C: ConsumerContext, T: Consumer<C>>(consumer: &T) {
     }
 }
 
-/// How one attempt at a message ended.
+type KafkaConsumer = StreamConsumer<Callbacks>;
+
+/// A (topic, partition).
+type Slot = (String, i32);
+
+/// Called with the time from an event's handler start to its commit (benchmarks).
+pub type CommitObserver = Arc<dyn Fn(Duration) + Send + Sync>;
+
+/// How one attempt at a single event ended.
 enum Attempt {
     /// The inbox already had it: skipped.
     Duplicate,
     /// The handler ran; effects committed on `Ok`, rolled back on `Err`.
     Handled(Result<(), HandlerError>),
 }
+
+/// A partition paused and rewound: the event at `offset` comes back after `delay`.
+struct Rewind {
+    offset: i64,
+    delay: Duration,
+    /// Handler attempts made at `offset`, when this rewind follows a handler failure.
+    attempts: Option<u32>,
+}
+
+/// Per-partition retry state: the offset being retried and the attempts made.
+type RetryState = HashMap<Slot, (i64, u32)>;
 
 /// A consumer group member: one Kafka consumer, one database pool, one handler.
 pub struct Runtime<H: Handler> {
@@ -98,11 +193,10 @@ pub struct Runtime<H: Handler> {
     inbox: Inbox,
     handler: H,
     metrics: Arc<Metrics>,
+    health: Arc<Health>,
     dlq: FutureProducer,
+    observer: Option<CommitObserver>,
 }
-
-/// Per-partition retry state: the offset being retried and the attempts made.
-type RetryState = HashMap<(String, i32), (i64, u32)>;
 
 impl<H: Handler> Runtime<H> {
     /// Builds the runtime (no IO until [`Runtime::run`]).
@@ -127,11 +221,24 @@ impl<H: Handler> Runtime<H> {
             inbox,
             handler,
             metrics,
+            health: Arc::default(),
             dlq,
+            observer: None,
         })
     }
 
-    fn consumer(&self) -> Result<StreamConsumer<RebalanceCommit>, KafkaError> {
+    /// Readiness flags this runtime keeps up to date (serve them with [`crate::health::Surfaces`]).
+    pub fn health(&self) -> Arc<Health> {
+        self.health.clone()
+    }
+
+    /// Calls `f` with each event's handler-start-to-commit time.
+    pub fn with_commit_observer(mut self, f: CommitObserver) -> Self {
+        self.observer = Some(f);
+        self
+    }
+
+    fn consumer(&self) -> Result<KafkaConsumer, KafkaError> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.cfg.brokers)
             .set("group.id", &self.cfg.group_id)
@@ -142,6 +249,8 @@ impl<H: Handler> Runtime<H> {
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // Statistics feed broker readiness and the per-partition lag gauges.
+            .set("statistics.interval.ms", "2000")
             .set(
                 "session.timeout.ms",
                 self.cfg.session_timeout.as_millis().to_string(),
@@ -149,8 +258,10 @@ impl<H: Handler> Runtime<H> {
         for (k, v) in &self.cfg.kafka_extra {
             c.set(k, v);
         }
-        c.create_with_context(RebalanceCommit {
+        c.create_with_context(Callbacks {
             group: self.cfg.group_id.clone(),
+            health: self.health.clone(),
+            metrics: self.metrics.clone(),
         })
     }
 
@@ -160,15 +271,30 @@ impl<H: Handler> Runtime<H> {
         let topics: Vec<&str> = self.cfg.topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topics)?;
         tracing::info!(group = %self.cfg.group_id, instance = %self.cfg.instance_id, ?topics, "consuming");
+        let monitors = shutdown.child_token();
+        tokio::spawn(watch_database(
+            self.pool.clone(),
+            self.health.clone(),
+            monitors.clone(),
+        ));
+        if let Some(window) = self.cfg.inbox_retention {
+            tokio::spawn(expire_inbox(
+                self.inbox.clone(),
+                self.pool.clone(),
+                window,
+                monitors.clone(),
+            ));
+        }
         let mut retry: RetryState = HashMap::new();
-        let mut resumes: Vec<(Instant, String, i32)> = Vec::new();
+        let mut resumes: Vec<(Instant, Slot)> = Vec::new();
+        let max_batch = self.cfg.batch_size.max(1);
         loop {
             let next_resume = resumes.iter().map(|r| r.0).min();
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 _ = sleep_until(next_resume) => {
                     let now = Instant::now();
-                    for (_, topic, partition) in resumes.iter().filter(|r| r.0 <= now) {
+                    for (_, (topic, partition)) in resumes.iter().filter(|r| r.0 <= now) {
                         let mut tpl = TopicPartitionList::new();
                         tpl.add_partition(topic, *partition);
                         // Fails harmlessly when the partition was revoked meanwhile.
@@ -176,99 +302,284 @@ impl<H: Handler> Runtime<H> {
                     }
                     resumes.retain(|r| r.0 > now);
                 }
-                m = consumer.recv() => match m {
-                    Ok(m) => {
-                        if let Some((delay, topic, partition)) = self.process(&consumer, &m, &mut retry).await {
-                            resumes.push((Instant::now() + delay, topic, partition));
+                m = consumer.recv() => {
+                    let mut batch = match m {
+                        Ok(m) => vec![m],
+                        Err(e) => {
+                            tracing::warn!("consume error: {e}");
+                            continue;
+                        }
+                    };
+                    // Take what librdkafka already fetched, without waiting for more.
+                    while batch.len() < max_batch {
+                        match consumer.recv().now_or_never() {
+                            Some(Ok(m)) => batch.push(m),
+                            Some(Err(e)) => {
+                                tracing::warn!("consume error: {e}");
+                                break;
+                            }
+                            None => break,
                         }
                     }
-                    Err(e) => tracing::warn!("consume error: {e}"),
-                },
+                    let now = Instant::now();
+                    for (slot, r) in self.process_batch(&consumer, batch, &mut retry).await {
+                        resumes.push((now + r.delay, slot));
+                    }
+                }
             }
         }
+        monitors.cancel();
         commit_stored(&consumer);
         Ok(())
     }
 
-    /// Processes one record. Returns a resume (delay, topic, partition) when the partition was paused.
-    async fn process(
+    /// Splits a batch into runs per partition and processes the runs concurrently. Returns the
+    /// partitions that were paused and rewound.
+    async fn process_batch(
         &self,
-        consumer: &StreamConsumer<RebalanceCommit>,
-        m: &BorrowedMessage<'_>,
+        consumer: &KafkaConsumer,
+        batch: Vec<BorrowedMessage<'_>>,
         retry: &mut RetryState,
-    ) -> Option<(Duration, String, i32)> {
-        let (topic, partition, offset) = (m.topic().to_owned(), m.partition(), m.offset());
-        let slot = (topic.clone(), partition);
-        let attempt = match retry.get(&slot) {
-            Some((o, a)) if *o == offset => a + 1,
-            _ => 1,
-        };
+    ) -> Vec<(Slot, Rewind)> {
+        let mut runs: Vec<(Slot, Vec<BorrowedMessage<'_>>)> = Vec::new();
+        for m in batch {
+            let slot = (m.topic().to_owned(), m.partition());
+            match runs.iter_mut().find(|(s, _)| *s == slot) {
+                Some((_, run)) => run.push(m),
+                None => runs.push((slot, vec![m])),
+            }
+        }
+        let jobs: Vec<_> = runs
+            .into_iter()
+            .map(|(slot, run)| {
+                let prior = retry.get(&slot).copied();
+                async move {
+                    let rewind = self.process_run(consumer, &slot, &run, prior).await;
+                    (slot, rewind)
+                }
+            })
+            .collect();
+        let outcomes: Vec<(Slot, Option<Rewind>)> = futures::stream::iter(jobs)
+            .buffer_unordered(self.cfg.concurrency.max(1))
+            .collect()
+            .await;
+        let mut rewound = Vec::new();
+        for (slot, rewind) in outcomes {
+            match rewind {
+                None => {
+                    retry.remove(&slot);
+                }
+                Some(r) => {
+                    if let Some(a) = r.attempts {
+                        retry.insert(slot.clone(), (r.offset, a));
+                    }
+                    rewound.push((slot, r));
+                }
+            }
+        }
+        rewound
+    }
+
+    /// Processes consecutive records of one partition: the rest of the run in one transaction when
+    /// possible; around a failed handler, one by one. Stops at the first record that has to wait.
+    async fn process_run(
+        &self,
+        consumer: &KafkaConsumer,
+        slot: &Slot,
+        run: &[BorrowedMessage<'_>],
+        prior: Option<(i64, u32)>,
+    ) -> Option<Rewind> {
+        let mut i = 0;
+        while i < run.len() {
+            let attempt = match prior {
+                Some((o, a)) if o == run[i].offset() => a + 1,
+                _ => 1,
+            };
+            let decoded: Option<Vec<Message>> = if attempt == 1 && run.len() - i > 1 {
+                run[i..].iter().map(|m| decode(m).ok()).collect()
+            } else {
+                None
+            };
+            if let Some(msgs) = decoded {
+                match self.attempt_run(slot, &msgs).await {
+                    Ok(None) => {
+                        self.store_offset(consumer, slot, run[run.len() - 1].offset());
+                        return None;
+                    }
+                    // Everything rolled back. Those before the failed event commit one by one; the
+                    // failed one counts its first attempt without running again.
+                    Ok(Some((failed, error))) => {
+                        for m in &run[i..i + failed] {
+                            if let Some(r) = self.process_one(consumer, m, 1).await {
+                                return Some(r);
+                            }
+                        }
+                        let next = self.decide(&msgs[failed], Err(error), 1);
+                        if let Some(r) = self.conclude(consumer, &run[i + failed], next, 1).await {
+                            return Some(r);
+                        }
+                        i += failed + 1;
+                        continue;
+                    }
+                    Err(e) => {
+                        return Some(self.database_error(consumer, slot, run[i].offset(), &e))
+                    }
+                }
+            }
+            if let Some(r) = self.process_one(consumer, &run[i], attempt).await {
+                return Some(r);
+            }
+            i += 1;
+        }
+        None
+    }
+
+    /// Database trouble is never the message's fault: rewind without counting an attempt.
+    fn database_error(
+        &self,
+        consumer: &KafkaConsumer,
+        slot: &Slot,
+        offset: i64,
+        e: &sqlx::Error,
+    ) -> Rewind {
+        self.metrics.database_errors.inc();
+        self.health.set_database(false);
+        let d = decide::backoff(1, &self.cfg.retry, rand::random::<f64>());
+        tracing::warn!(
+            topic = slot.0,
+            partition = slot.1,
+            offset,
+            "database error ({e}); retrying in {d:?}"
+        );
+        self.rewind(consumer, slot, offset, d, None)
+    }
+
+    /// One transaction for a run: one inbox statement, then the handler for each new event. On a
+    /// handler failure everything is rolled back and the failed event's index and error returned.
+    async fn attempt_run(
+        &self,
+        slot: &Slot,
+        msgs: &[Message],
+    ) -> Result<Option<(usize, HandlerError)>, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let new = self
+            .inbox
+            .record_all(&mut tx, &self.cfg.group_id, &slot.0, slot.1, msgs)
+            .await?;
+        let mut seen = HashSet::new();
+        let mut starts = Vec::with_capacity(new.len());
+        for (index, msg) in msgs.iter().enumerate() {
+            if !new.contains(&msg.event_id) || !seen.insert(msg.event_id) {
+                continue;
+            }
+            let started = Instant::now();
+            let result = self.handler.handle(msg, &mut tx).await;
+            self.metrics
+                .handler_seconds
+                .observe(started.elapsed().as_secs_f64());
+            if let Err(error) = result {
+                tx.rollback().await?;
+                return Ok(Some((index, error)));
+            }
+            starts.push(started);
+        }
+        tx.commit().await?;
+        self.committed(&starts, msgs.len());
+        Ok(None)
+    }
+
+    /// Bookkeeping after a commit of `total` records of which `starts.len()` ran the handler.
+    fn committed(&self, starts: &[Instant], total: usize) {
+        let now = Instant::now();
+        for s in starts {
+            let d = now - *s;
+            self.metrics
+                .handler_to_commit_seconds
+                .observe(d.as_secs_f64());
+            if let Some(f) = &self.observer {
+                f(d);
+            }
+        }
+        self.metrics.processed.inc_by(starts.len() as u64);
+        self.metrics
+            .duplicates
+            .inc_by((total - starts.len()) as u64);
+        self.metrics.batch_size.observe(total as f64);
+        self.health.set_database(true);
+    }
+
+    /// Processes one record in its own transaction. Returns a rewind when the partition was paused.
+    async fn process_one(
+        &self,
+        consumer: &KafkaConsumer,
+        m: &BorrowedMessage<'_>,
+        attempt: u32,
+    ) -> Option<Rewind> {
         let next = match decode(m) {
             Err(undecodable) => Next::DeadLetter(undecodable.to_string()),
             Ok(msg) => match self.attempt(&msg).await {
                 Ok(Attempt::Duplicate) => {
-                    self.metrics.duplicates.inc();
+                    self.committed(&[], 1);
                     Next::Done
                 }
-                Ok(Attempt::Handled(result)) => {
-                    let next = decide::after_attempt(
-                        &result,
-                        attempt,
-                        &self.cfg.retry,
-                        rand::random::<f64>(),
-                    );
-                    match (&result, &next) {
-                        (Ok(()), _) => {
-                            self.metrics.processed.inc();
-                        }
-                        (Err(e), Next::RetryAfter(d)) => {
-                            self.metrics.retries.inc();
-                            tracing::warn!(event_id = %msg.event_id, attempt, "handler failed ({e}); retrying in {d:?}");
-                        }
-                        _ => {}
-                    }
-                    next
-                }
-                // Database trouble is never the message's fault: retry without counting an attempt.
+                Ok(Attempt::Handled(result)) => self.decide(&msg, result, attempt),
                 Err(e) => {
-                    self.metrics.database_errors.inc();
-                    let d = decide::backoff(1, &self.cfg.retry, rand::random::<f64>());
-                    tracing::warn!(event_id = %msg.event_id, "database error ({e}); retrying in {d:?}");
-                    return Some(self.rewind(consumer, &topic, partition, offset, d));
+                    let slot = (m.topic().to_owned(), m.partition());
+                    return Some(self.database_error(consumer, &slot, m.offset(), &e));
                 }
             },
         };
+        self.conclude(consumer, m, next, attempt).await
+    }
+
+    /// What follows attempt number `attempt` at `msg`.
+    fn decide(&self, msg: &Message, result: Result<(), HandlerError>, attempt: u32) -> Next {
+        let next = decide::after_attempt(&result, attempt, &self.cfg.retry, rand::random::<f64>());
+        if let (Err(e), Next::RetryAfter(d)) = (&result, &next) {
+            self.metrics.retries.inc();
+            tracing::warn!(event_id = %msg.event_id, attempt, "handler failed ({e}); retrying in {d:?}");
+        }
+        next
+    }
+
+    /// Carries out `next` for record `m`: store its offset, rewind for a retry, or dead-letter it.
+    async fn conclude(
+        &self,
+        consumer: &KafkaConsumer,
+        m: &BorrowedMessage<'_>,
+        next: Next,
+        attempt: u32,
+    ) -> Option<Rewind> {
+        let slot = (m.topic().to_owned(), m.partition());
+        let offset = m.offset();
         match next {
             Next::Done => {}
             Next::RetryAfter(d) => {
-                retry.insert(slot, (offset, attempt));
-                return Some(self.rewind(consumer, &topic, partition, offset, d));
+                return Some(self.rewind(consumer, &slot, offset, d, Some(attempt)));
             }
             Next::DeadLetter(reason) => {
                 if let Err(e) = self.dead_letter(m, &reason, attempt).await {
                     // Not durable in the DLQ yet: keep the offset and try again later.
                     let d = decide::backoff(attempt, &self.cfg.retry, rand::random::<f64>());
                     tracing::warn!(
-                        topic,
-                        partition,
+                        topic = slot.0,
+                        partition = slot.1,
                         offset,
                         "DLQ publish failed ({e}); retrying in {d:?}"
                     );
-                    return Some(self.rewind(consumer, &topic, partition, offset, d));
+                    return Some(self.rewind(consumer, &slot, offset, d, None));
                 }
                 self.metrics.dead_lettered.inc();
-                tracing::warn!(topic, partition, offset, "sent to {topic}.dlq: {reason}");
+                tracing::warn!(
+                    topic = slot.0,
+                    partition = slot.1,
+                    offset,
+                    "sent to {}.dlq: {reason}",
+                    slot.0
+                );
             }
         }
-        retry.remove(&slot);
-        if let Err(e) = consumer.store_offset(&topic, partition, offset + 1) {
-            tracing::warn!(
-                topic,
-                partition,
-                offset,
-                "storing the offset failed (the message may be seen again): {e}"
-            );
-        }
+        self.store_offset(consumer, &slot, offset);
         None
     }
 
@@ -281,26 +592,42 @@ impl<H: Handler> Runtime<H> {
         }
         let started = Instant::now();
         let result = self.handler.handle(msg, &mut tx).await;
-        match result {
-            Ok(()) => tx.commit().await?,
-            Err(_) => tx.rollback().await?,
-        }
         self.metrics
             .handler_seconds
             .observe(started.elapsed().as_secs_f64());
+        match result {
+            Ok(()) => {
+                tx.commit().await?;
+                self.committed(&[started], 1);
+            }
+            Err(_) => tx.rollback().await?,
+        }
         Ok(Attempt::Handled(result))
+    }
+
+    /// Marks everything up to and including `offset` as done; librdkafka commits it shortly after.
+    fn store_offset(&self, consumer: &KafkaConsumer, slot: &Slot, offset: i64) {
+        if let Err(e) = consumer.store_offset(&slot.0, slot.1, offset + 1) {
+            tracing::warn!(
+                topic = slot.0,
+                partition = slot.1,
+                offset,
+                "storing the offset failed (the message may be seen again): {e}"
+            );
+        }
     }
 
     /// Pauses the partition and rewinds it to `offset`, so polling goes on for the other partitions and
     /// the message comes back after the delay (never blocking past `max.poll.interval.ms`).
     fn rewind(
         &self,
-        consumer: &StreamConsumer<RebalanceCommit>,
-        topic: &str,
-        partition: i32,
+        consumer: &KafkaConsumer,
+        slot: &Slot,
         offset: i64,
         delay: Duration,
-    ) -> (Duration, String, i32) {
+        attempts: Option<u32>,
+    ) -> Rewind {
+        let (topic, partition) = (slot.0.as_str(), slot.1);
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(topic, partition);
         if let Err(e) = consumer.pause(&tpl) {
@@ -314,7 +641,11 @@ impl<H: Handler> Runtime<H> {
         ) {
             tracing::warn!(topic, partition, offset, "seek failed: {e}");
         }
-        (delay, topic.to_owned(), partition)
+        Rewind {
+            offset,
+            delay,
+            attempts,
+        }
     }
 
     /// Publishes the original record to `<topic>.dlq` with `dlq.*` headers and waits for the ack.
@@ -355,6 +686,39 @@ impl<H: Handler> Runtime<H> {
             .await
             .map(|_| ())
             .map_err(|(e, _)| e)
+    }
+}
+
+/// Keeps the database flag of readiness current.
+async fn watch_database(pool: PgPool, health: Arc<Health>, stop: CancellationToken) {
+    loop {
+        let up = tokio::time::timeout(
+            Duration::from_secs(2),
+            sqlx::query("SELECT 1").execute(&pool),
+        )
+        .await
+        .is_ok_and(|r| r.is_ok());
+        health.set_database(up);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}
+
+/// Deletes expired inbox rows every tenth of the window (at most once a minute).
+async fn expire_inbox(inbox: Inbox, pool: PgPool, window: Duration, stop: CancellationToken) {
+    let every = (window / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+    loop {
+        match inbox.expire(&pool, window, 10_000).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!("inbox: removed {n} rows older than {window:?}"),
+            Err(e) => tracing::warn!("inbox expiry failed: {e}"),
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
     }
 }
 

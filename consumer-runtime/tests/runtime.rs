@@ -82,6 +82,9 @@ fn config(brokers: String, group: &str) -> RuntimeConfig {
         },
         session_timeout: Duration::from_secs(6),
         instance_id: "test".into(),
+        batch_size: 100,
+        concurrency: 2,
+        inbox_retention: None,
     }
 }
 

@@ -23,6 +23,10 @@ mod error;
 mod event;
 mod publish;
 mod schema;
+#[cfg(feature = "surfaces")]
+pub mod service;
+#[cfg(feature = "surfaces")]
+pub mod surfaces;
 mod trace;
 pub mod validate;
 

@@ -2,16 +2,17 @@
 //! code 2 and one line naming the flag and its variable.
 
 use std::net::SocketAddr;
-use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use outbox::service::{
+    config_error, database_options, exit_code, init_logging, shutdown_signal, LogFormat,
+};
 use outbox::SchemaName;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::{Competing, Coordinator, SingleLock};
 use crate::health::Health;
@@ -39,12 +40,6 @@ pub struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Debug, Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Debug, Args)]
@@ -250,38 +245,8 @@ enum DeadCommand {
     },
 }
 
-/// A setting that cannot work: reported as one line, exit code 2.
-#[derive(Debug, thiserror::Error)]
-#[error("invalid {flag} ({env}): {reason}")]
-pub struct ConfigError {
-    flag: &'static str,
-    env: &'static str,
-    reason: String,
-}
-
-fn config_error(flag: &'static str, env: &'static str, reason: impl ToString) -> anyhow::Error {
-    ConfigError {
-        flag,
-        env,
-        reason: reason.to_string(),
-    }
-    .into()
-}
-
 fn db_options(db: &DbArgs) -> anyhow::Result<(PgConnectOptions, SchemaName)> {
-    let url = db
-        .database_url
-        .as_deref()
-        .ok_or_else(|| config_error("--database-url", "DATABASE_URL", "is required"))?;
-    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
-        return Err(config_error(
-            "--database-url",
-            "DATABASE_URL",
-            "must start with postgres:// or postgresql://",
-        ));
-    }
-    let opts = PgConnectOptions::from_str(url)
-        .map_err(|e| config_error("--database-url", "DATABASE_URL", e))?;
+    let opts = database_options(db.database_url.as_deref(), "--database-url", "DATABASE_URL")?;
     let schema = SchemaName::new(&db.schema)
         .map_err(|e| config_error("--schema", "OUTBOX_SCHEMA", e.reason))?;
     Ok((opts, schema))
@@ -289,34 +254,12 @@ fn db_options(db: &DbArgs) -> anyhow::Result<(PgConnectOptions, SchemaName)> {
 
 /// Validates broker and extra-property settings (pure; exposed for tests).
 pub fn parse_kafka(brokers: &str, extra: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    if brokers.trim().is_empty() {
-        return Err(config_error("--brokers", "KAFKA_BOOTSTRAP", "is empty"));
-    }
-    for b in brokers.split(',') {
-        let port = b.trim().rsplit_once(':').map(|(_, p)| p.parse::<u16>());
-        if !matches!(port, Some(Ok(p)) if p > 0) {
-            return Err(config_error(
-                "--brokers",
-                "KAFKA_BOOTSTRAP",
-                format!("`{b}` is not host:port"),
-            ));
-        }
-    }
-    extra
-        .iter()
-        .filter(|kv| !kv.trim().is_empty())
-        .map(|kv| {
-            kv.split_once('=')
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                .ok_or_else(|| {
-                    config_error(
-                        "--kafka-config",
-                        "RELAY_KAFKA_CONFIG",
-                        format!("`{kv}` is not key=value"),
-                    )
-                })
-        })
-        .collect()
+    outbox::service::kafka_settings(
+        brokers,
+        ("--brokers", "KAFKA_BOOTSTRAP"),
+        extra,
+        ("--kafka-config", "RELAY_KAFKA_CONFIG"),
+    )
 }
 
 fn kafka_settings(k: &KafkaArgs) -> anyhow::Result<KafkaSettings> {
@@ -330,54 +273,11 @@ fn kafka_settings(k: &KafkaArgs) -> anyhow::Result<KafkaSettings> {
     })
 }
 
-fn init_logging(format: LogFormat) {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 /// Entry point of the binary. Returns the process exit code.
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    match rt.block_on(dispatch(cli)) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
-            eprintln!("outbox-relay: {e}");
-            std::process::ExitCode::from(2)
-        }
-        Err(e) => {
-            eprintln!("outbox-relay: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
-    }
-}
-
-/// Cancelled on SIGTERM or SIGINT.
-fn shutdown_signal() -> CancellationToken {
-    let token = CancellationToken::new();
-    let t = token.clone();
-    tokio::spawn(async move {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = tokio::signal::ctrl_c() => {}
-        }
-        tracing::info!("shutdown requested: finishing the in-flight batch");
-        t.cancel();
-    });
-    token
+    exit_code("outbox-relay", dispatch(cli))
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<()> {

@@ -1,13 +1,10 @@
-//! `/healthz`, `/readyz`, `/metrics`.
+//! `/healthz`, `/readyz`, `/metrics` of the relay (served by [`outbox::surfaces`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use axum::extract::State;
-use axum::http::{header, StatusCode};
-use axum::response::IntoResponse;
-use axum::routing::get;
-use axum::{Json, Router};
+use axum::Router;
+use outbox::surfaces::{self, Surface};
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
@@ -22,33 +19,21 @@ pub struct Surfaces {
     pub metrics: Arc<Metrics>,
 }
 
+impl Surface for Surfaces {
+    fn readiness(&self) -> (bool, serde_json::Value) {
+        let r = self.health.readiness();
+        let body = serde_json::to_value(&r).expect("readiness serializes");
+        (r.ready, body)
+    }
+
+    fn metrics(&self) -> String {
+        self.metrics.render()
+    }
+}
+
 /// The router (exposed for tests).
 pub fn router(s: Surfaces) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
-        .with_state(s)
-}
-
-async fn readyz(State(s): State<Surfaces>) -> impl IntoResponse {
-    let r = s.health.readiness();
-    let code = if r.ready {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, Json(r))
-}
-
-async fn metrics(State(s): State<Surfaces>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        s.metrics.render(),
-    )
+    surfaces::router(Arc::new(s))
 }
 
 /// Binds `addr` and serves until `shutdown`. Returns the bound address (port 0 picks a free one).
@@ -57,12 +42,5 @@ pub async fn serve(
     s: Surfaces,
     shutdown: CancellationToken,
 ) -> std::io::Result<SocketAddr> {
-    let listener = tokio::net::TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router(s))
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await;
-    });
-    Ok(bound)
+    surfaces::serve(addr, Arc::new(s), shutdown).await
 }

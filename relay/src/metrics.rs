@@ -179,9 +179,6 @@ impl Metrics {
 
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry)
-            .expect("writing to a String cannot fail");
-        out
+        outbox::surfaces::render(&self.registry)
     }
 }

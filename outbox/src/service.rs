@@ -1,0 +1,178 @@
+//! What every long-running process of the product does the same way (feature `surfaces`): one-line
+//! configuration errors with exit code 2, logs on stderr (text or JSON), and SIGTERM/SIGINT handling.
+
+use std::str::FromStr;
+
+use sqlx::postgres::PgConnectOptions;
+use tokio_util::sync::CancellationToken;
+
+/// A setting that cannot work: reported as one line naming the flag and its env var; exit code 2.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {flag} ({env}): {reason}")]
+pub struct ConfigError {
+    /// The command-line flag, e.g. `--group-id`.
+    pub flag: &'static str,
+    /// The environment variable of the same setting.
+    pub env: &'static str,
+    /// Why the value cannot work.
+    pub reason: String,
+}
+
+/// Builds a [`ConfigError`] as an `anyhow::Error`.
+pub fn config_error(flag: &'static str, env: &'static str, reason: impl ToString) -> anyhow::Error {
+    ConfigError {
+        flag,
+        env,
+        reason: reason.to_string(),
+    }
+    .into()
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+pub fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Runs `body` on a multi-threaded runtime and maps its result to an exit code: 0, 2 for a
+/// [`ConfigError`] (one line), 1 for anything else (the error chain on one line).
+pub fn exit_code(
+    program: &str,
+    body: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> std::process::ExitCode {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    match rt.block_on(body) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
+            eprintln!("{program}: {e}");
+            std::process::ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// A token cancelled on SIGTERM or SIGINT. Call inside a Tokio runtime.
+pub fn shutdown_signal() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+        tracing::info!("shutdown requested: finishing in-flight work");
+        t.cancel();
+    });
+    token
+}
+
+/// Parses a PostgreSQL URL from `flag`/`env`; a missing or malformed one is a [`ConfigError`].
+pub fn database_options(
+    url: Option<&str>,
+    flag: &'static str,
+    env: &'static str,
+) -> anyhow::Result<PgConnectOptions> {
+    let url = url.ok_or_else(|| config_error(flag, env, "is required"))?;
+    if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+        return Err(config_error(
+            flag,
+            env,
+            "must start with postgres:// or postgresql://",
+        ));
+    }
+    PgConnectOptions::from_str(url).map_err(|e| config_error(flag, env, e))
+}
+
+/// Checks a Kafka bootstrap list (`host:port,...`) and `key=value` librdkafka properties.
+pub fn kafka_settings(
+    brokers: &str,
+    brokers_flag: (&'static str, &'static str),
+    extra: &[String],
+    extra_flag: (&'static str, &'static str),
+) -> anyhow::Result<Vec<(String, String)>> {
+    if brokers.trim().is_empty() {
+        return Err(config_error(brokers_flag.0, brokers_flag.1, "is empty"));
+    }
+    for b in brokers.split(',') {
+        let port = b.trim().rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+        if !matches!(port, Some(Ok(p)) if p > 0) {
+            return Err(config_error(
+                brokers_flag.0,
+                brokers_flag.1,
+                format!("`{b}` is not host:port"),
+            ));
+        }
+    }
+    extra
+        .iter()
+        .filter(|kv| !kv.trim().is_empty())
+        .map(|kv| {
+            kv.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| {
+                    config_error(
+                        extra_flag.0,
+                        extra_flag.1,
+                        format!("`{kv}` is not key=value"),
+                    )
+                })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_settings_name_the_flag_and_the_env_var() {
+        let e = database_options(Some("mysql://x"), "--database-url", "DATABASE_URL").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "invalid --database-url (DATABASE_URL): must start with postgres:// or postgresql://"
+        );
+        assert!(database_options(None, "--database-url", "DATABASE_URL")
+            .unwrap_err()
+            .to_string()
+            .ends_with("is required"));
+        let b = ("--brokers", "KAFKA_BOOTSTRAP");
+        let x = ("--kafka-config", "KAFKA_CONFIG");
+        assert!(kafka_settings("localhost", b, &[], x)
+            .unwrap_err()
+            .to_string()
+            .contains("`localhost` is not host:port"));
+        assert!(kafka_settings("h:1", b, &["nonsense".into()], x)
+            .unwrap_err()
+            .to_string()
+            .starts_with("invalid --kafka-config (KAFKA_CONFIG)"));
+        assert_eq!(
+            kafka_settings("h:1,g:2", b, &["a = b".into(), "".into()], x).unwrap(),
+            vec![("a".to_owned(), "b".to_owned())]
+        );
+    }
+}
