@@ -4,7 +4,7 @@ use std::collections::HashSet;
 use std::time::Duration;
 
 use outbox::SchemaName;
-use sqlx::{Executor, PgConnection, PgPool};
+use sqlx::{PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::Message;
@@ -19,12 +19,7 @@ pub async fn migrate(
     pool: &PgPool,
     schema: &SchemaName,
 ) -> Result<(), sqlx::migrate::MigrateError> {
-    let mut conn = pool.acquire().await?.detach();
-    conn.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
-        .await?;
-    conn.execute(format!("SET search_path TO \"{schema}\"").as_str())
-        .await?;
-    MIGRATOR.run(&mut conn).await
+    outbox::migrate_schema(pool, schema, &MIGRATOR).await
 }
 
 /// Inbox statements for one schema.

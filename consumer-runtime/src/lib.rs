@@ -7,7 +7,9 @@
 //! with backoff; permanent ones, undecodable records and exhausted retries go to `<topic>.dlq` with
 //! `dlq.*` headers before the offset moves.
 
+pub mod cli;
 pub mod decide;
+pub mod demo;
 pub mod health;
 pub mod inbox;
 pub mod message;

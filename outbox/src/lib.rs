@@ -34,7 +34,7 @@ pub use error::Error;
 pub use event::NewEvent;
 pub use publish::{publish, publish_all, Outbox, DEFAULT_MAX_PAYLOAD_BYTES};
 pub use schema::{
-    install_notify_trigger, migrate, notify_channel, remove_notify_trigger, SchemaName,
-    DEFAULT_SCHEMA,
+    install_notify_trigger, migrate, migrate_schema, notify_channel, remove_notify_trigger,
+    SchemaName, DEFAULT_SCHEMA,
 };
 pub use validate::ValidationError;

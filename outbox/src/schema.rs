@@ -67,13 +67,28 @@ pub fn notify_channel(schema: &SchemaName) -> String {
 /// to the pool with a changed `search_path`.
 pub async fn migrate(pool: &PgPool, schema: &str) -> Result<(), Error> {
     let schema = SchemaName::new(schema)?;
+    migrate_schema(pool, &schema, &MIGRATOR).await?;
+    Ok(())
+}
+
+/// Runs `migrator` inside `schema` (created if missing) with `search_path` set to it, so each schema keeps
+/// its own history. Processes starting together (several consumers, relays) are serialized by an
+/// advisory lock: `CREATE SCHEMA IF NOT EXISTS` alone is not safe against a concurrent twin.
+pub async fn migrate_schema(
+    pool: &PgPool,
+    schema: &SchemaName,
+    migrator: &sqlx::migrate::Migrator,
+) -> Result<(), sqlx::migrate::MigrateError> {
     let mut conn = pool.acquire().await?.detach();
+    conn.execute("SELECT pg_advisory_lock(hashtext('outbox-operator:migrate'))")
+        .await?;
     conn.execute(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"").as_str())
         .await?;
     conn.execute(format!("SET search_path TO \"{schema}\"").as_str())
         .await?;
-    MIGRATOR.run(&mut conn).await?;
-    Ok(())
+    // The connection is closed (not returned to a pool) afterwards: that releases the lock and drops the
+    // changed search_path.
+    migrator.run(&mut conn).await
 }
 
 /// Installs the statement-level NOTIFY trigger that wakes relays on insert. Idempotent.

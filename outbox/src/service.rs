@@ -145,6 +145,46 @@ pub fn kafka_settings(
         .collect()
 }
 
+/// Waits until the database answers, logging one line per failed attempt with growing backoff.
+/// `false` when `shutdown` fired first. Probes with a direct connection: a pool would retry silently
+/// until its acquire timeout.
+pub async fn wait_for_database(opts: &PgConnectOptions, shutdown: &CancellationToken) -> bool {
+    use sqlx::Connection;
+    retry_until("database", shutdown, || async {
+        let conn = sqlx::PgConnection::connect_with(opts).await?;
+        conn.close().await
+    })
+    .await
+}
+
+/// Calls `attempt_once` until it succeeds (`true`) or `shutdown` fires (`false`), logging each failure
+/// with the backoff before the next try (0.5 s doubling, at most 30 s).
+pub async fn retry_until<F, Fut, E>(
+    what: &str,
+    shutdown: &CancellationToken,
+    mut attempt_once: F,
+) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    let mut attempt = 0u32;
+    loop {
+        let Err(e) = attempt_once().await else {
+            return true;
+        };
+        attempt += 1;
+        let wait = std::time::Duration::from_millis(500 * 2u64.pow((attempt - 1).min(6)))
+            .min(std::time::Duration::from_secs(30));
+        tracing::warn!("{what} unreachable (attempt {attempt}): {e}; retrying in {wait:?}");
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(wait) => {}
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,7 +9,8 @@ use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use outbox::service::{
-    config_error, database_options, exit_code, init_logging, shutdown_signal, LogFormat,
+    config_error, database_options, exit_code, init_logging, shutdown_signal, wait_for_database,
+    LogFormat,
 };
 use outbox::SchemaName;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
@@ -19,7 +20,7 @@ use crate::health::Health;
 use crate::metrics::Metrics;
 use crate::plan::{PoisonPolicy, RetryPolicy};
 use crate::producer::{KafkaSettings, Partitioning, Producer};
-use crate::relay::{wait_for_broker, wait_for_database, Relay, RelayConfig};
+use crate::relay::{wait_for_broker, Relay, RelayConfig};
 use crate::store::{idle_in_transaction_timeout, Retention};
 use crate::tools::{self, DeadSelector, ReplayFilter};
 

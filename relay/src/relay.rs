@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use outbox::SchemaName;
-use sqlx::postgres::{PgConnectOptions, PgListener};
+use sqlx::postgres::PgListener;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -378,45 +378,7 @@ fn is_missing_partition(e: &sqlx::Error) -> bool {
         .is_some_and(|c| c == "23514")
 }
 
-/// Waits until the database answers, logging one line per failed attempt with growing backoff.
-/// `false` when `shutdown` fired first.
-/// Probes with a direct connection: a pool would retry silently until its acquire timeout.
-pub async fn wait_for_database(opts: &PgConnectOptions, shutdown: &CancellationToken) -> bool {
-    use sqlx::Connection;
-    retry_until("database", shutdown, || async {
-        let conn = sqlx::PgConnection::connect_with(opts).await?;
-        conn.close().await
-    })
-    .await
-}
-
-/// Waits until a broker answers, like [`wait_for_database`].
+/// Waits until a broker answers, like [`outbox::service::wait_for_database`].
 pub async fn wait_for_broker(producer: &Producer, shutdown: &CancellationToken) -> bool {
-    retry_until("kafka", shutdown, || producer.probe(Duration::from_secs(3))).await
-}
-
-async fn retry_until<F, Fut, E>(
-    what: &str,
-    shutdown: &CancellationToken,
-    mut attempt_once: F,
-) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), E>>,
-    E: std::fmt::Display,
-{
-    let mut attempt = 0u32;
-    loop {
-        let Err(e) = attempt_once().await else {
-            return true;
-        };
-        attempt += 1;
-        let wait = Duration::from_millis(500 * 2u64.pow((attempt - 1).min(6)))
-            .min(Duration::from_secs(30));
-        tracing::warn!("{what} unreachable (attempt {attempt}): {e}; retrying in {wait:?}");
-        tokio::select! {
-            _ = shutdown.cancelled() => return false,
-            _ = tokio::time::sleep(wait) => {}
-        }
-    }
+    outbox::service::retry_until("kafka", shutdown, || producer.probe(Duration::from_secs(3))).await
 }

@@ -1,0 +1,34 @@
+//! `demo-consumer --role pharmacy|notification`: the demo's two consumer groups.
+
+use clap::Parser;
+use consumer_runtime::cli::{serve, ConsumerArgs};
+use consumer_runtime::demo::{self, DemoHandler, Role};
+use outbox::service::{exit_code, init_logging, LogFormat};
+
+/// A demo consumer: writes one `demo.pharmacy_orders` or `demo.notifications` row per order.
+#[derive(Debug, Parser)]
+#[command(name = "demo-consumer", version, about)]
+struct Cli {
+    /// Which service to be; also the default consumer group.
+    #[arg(long, env = "DEMO_ROLE", value_enum)]
+    role: Role,
+    /// Log format.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(flatten)]
+    consumer: ConsumerArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    exit_code(
+        "demo-consumer",
+        serve(
+            cli.consumer,
+            Some(cli.role.group_id()),
+            DemoHandler(cli.role),
+            |pool| async move { Ok(demo::migrate(&pool).await?) },
+        ),
+    )
+}
