@@ -1,0 +1,9 @@
+//! `demo-api` binary: see the crate docs.
+
+use clap::Parser;
+
+fn main() -> std::process::ExitCode {
+    let cli = demo_api::cli::Cli::parse();
+    outbox::service::init_logging(cli.log_format);
+    outbox::service::exit_code("demo-api", demo_api::cli::run(cli))
+}
