@@ -87,6 +87,9 @@ pub struct Sources {
     pub orders: String,
 }
 
+/// created_at, topic, partition, offset, published_at of an archived event.
+type ArchivedRow = (DateTime<Utc>, String, i32, i64, DateTime<Utc>);
+
 fn undefined_table(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|d| d.code())
@@ -106,15 +109,14 @@ pub async fn receipt(
     .bind(event_id)
     .fetch_optional(pool)
     .await?;
-    let archived: Option<(DateTime<Utc>, String, i32, i64, DateTime<Utc>)> =
-        sqlx::query_as(&format!(
-            "SELECT created_at, topic, kafka_partition, kafka_offset, published_at FROM {} \
+    let archived: Option<ArchivedRow> = sqlx::query_as(&format!(
+        "SELECT created_at, topic, kafka_partition, kafka_offset, published_at FROM {} \
          WHERE event_id = $1 ORDER BY published_at LIMIT 1",
-            src.outbox.table("archive")
-        ))
-        .bind(event_id)
-        .fetch_optional(pool)
-        .await?;
+        src.outbox.table("archive")
+    ))
+    .bind(event_id)
+    .fetch_optional(pool)
+    .await?;
     let dead: Option<(DateTime<Utc>, String, String, DateTime<Utc>)> = sqlx::query_as(&format!(
         "SELECT created_at, reason, error, failed_at FROM {} WHERE event_id = $1",
         src.outbox.table("dead")
