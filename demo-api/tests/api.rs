@@ -193,12 +193,15 @@ async fn consumer_runtime_inbox(pool: &PgPool, event_id: &str) {
     .unwrap();
 }
 
+/// Path, body, content type, expected status, error kind, field.
+type BadInput<'a> = (&'a str, String, &'a str, u16, &'a str, Option<&'a str>);
+
 #[tokio::test]
 async fn every_bad_input_gets_its_documented_4xx_and_nothing_is_written() {
     let api = start().await;
     let item = r#"[{"sku": "a", "quantity": 1}]"#;
     let big = "x".repeat(1_000_000);
-    let cases: Vec<(&str, String, &str, u16, &str, Option<&str>)> = vec![
+    let cases: Vec<BadInput> = vec![
         ("/orders", "{".into(), JSON, 400, "malformed_json", None),
         (
             "/orders",
