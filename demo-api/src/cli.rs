@@ -49,7 +49,7 @@ pub struct Cli {
     #[arg(long, env = "DEMO_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
     /// Honour `POST /orders?crash=after-commit` (exit right after the commit). Never in production.
-    #[arg(long, env = "DEMO_ALLOW_CRASH")]
+    #[arg(long, env = "DEMO_ALLOW_CRASH", value_parser = clap::builder::FalseyValueParser::new())]
     pub allow_crash: bool,
     /// Log format.
     #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
@@ -175,6 +175,8 @@ mod tests {
             Cli::try_parse_from(std::iter::once("demo-api").chain(args.iter().copied())).unwrap()
         };
         let s = settings(&cli(&["--topics", "payments,orders, ,audit"])).unwrap();
+        assert!(!cli(&[]).allow_crash);
+        assert!(cli(&["--allow-crash"]).allow_crash);
         assert_eq!(s.known_topics, vec!["orders", "payments", "audit"]);
         let e = settings(&cli(&["--topics", "bad topic"]))
             .err()

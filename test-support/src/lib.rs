@@ -4,7 +4,7 @@
 
 pub mod kafka;
 pub mod pg;
-mod reaper;
+pub mod reaper;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 /// Starts the watchdog for `child_pid`; `data_dir` is removed after the child has stopped.
 // Never waited on by design: the watchdog's whole job is to outlive this process.
 #[allow(clippy::zombie_processes)]
-pub(crate) fn watch(child_pid: u32, signal: &str, data_dir: Option<&Path>) {
+pub fn watch(child_pid: u32, signal: &str, data_dir: Option<&Path>) {
     let me = std::process::id();
     let cleanup = data_dir
         .map(|d| format!("; rm -rf '{}'", d.display()))

@@ -1,0 +1,409 @@
+//! The local stack: database, broker and the product's processes, wired together on loopback.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::ClientConfig;
+use sqlx::postgres::PgPoolOptions;
+use sqlx::PgPool;
+use test_support::kafka::{mock_cluster, Mock};
+use test_support::pg::{Durability, PgServer};
+
+use crate::bins::bin;
+use crate::proc::{Proc, Spec};
+
+/// The topic the demo API writes `OrderCreated` events to.
+pub const ORDERS_TOPIC: &str = "orders";
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Use this database instead of a throwaway server.
+    pub database_url: Option<String>,
+    /// Use this Kafka instead of the in-process mock cluster.
+    pub kafka_bootstrap: Option<String>,
+    /// Partitions of the orders topic (when the stack creates it).
+    pub partitions: i32,
+    /// Pharmacy consumers (one group).
+    pub pharmacy: usize,
+    /// Notification consumers (another group).
+    pub notification: usize,
+    /// Let `POST /orders?crash=after-commit` exit the API.
+    pub allow_crash: bool,
+    /// Print every process's log lines, prefixed with its name.
+    pub echo: bool,
+    /// Port of the demo API (0: any free port).
+    pub api_port: u16,
+    /// Consumer group session timeout (how soon a killed consumer's partitions move).
+    pub session_timeout: &'static str,
+    /// Extra arguments for the relay.
+    pub relay_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            database_url: None,
+            kafka_bootstrap: None,
+            partitions: 6,
+            pharmacy: 2,
+            notification: 1,
+            allow_crash: false,
+            echo: false,
+            api_port: 0,
+            session_timeout: "6s",
+            relay_args: vec![],
+        }
+    }
+}
+
+/// A running stack. Dropping it kills the processes and removes a throwaway database.
+pub struct Stack {
+    /// The database every process uses.
+    pub database_url: String,
+    /// The broker.
+    pub bootstrap: String,
+    /// Base URL of the demo API.
+    pub api: String,
+    /// A pool on the database (for ledgers and reports).
+    pub pool: PgPool,
+    /// Processes by name.
+    pub procs: BTreeMap<String, Proc>,
+    opts: Options,
+    // Field order matters on drop: processes go first (above), then the broker, then the database.
+    _mock: Option<Mock>,
+    _pg: Option<PgServer>,
+}
+
+fn port_or_free(p: u16) -> u16 {
+    if p == 0 {
+        test_support::free_port()
+    } else {
+        p
+    }
+}
+
+impl Stack {
+    /// Starts everything and waits until every process is ready.
+    pub async fn start(opts: Options) -> anyhow::Result<Self> {
+        let (pg, database_url) = match &opts.database_url {
+            Some(url) => (None, url.clone()),
+            None => {
+                let pg = tokio::task::spawn_blocking(|| PgServer::start(Durability::Throwaway))
+                    .await??;
+                let url = pg.create_database().await?;
+                (Some(pg), url)
+            }
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(4)
+            .connect(&database_url)
+            .await
+            .with_context(|| format!("connect {database_url}"))?;
+        let topics = [(ORDERS_TOPIC, opts.partitions), ("orders.dlq", 1)];
+        let (mock, bootstrap) = match &opts.kafka_bootstrap {
+            Some(b) => {
+                create_topics(b, &topics).await?;
+                (None, b.clone())
+            }
+            None => {
+                let mock = mock_cluster(1, &topics);
+                let b = mock.bootstrap_servers();
+                (Some(mock), b)
+            }
+        };
+        let api_port = port_or_free(opts.api_port);
+        let mut stack = Self {
+            api: format!("http://127.0.0.1:{api_port}"),
+            database_url,
+            bootstrap,
+            pool,
+            procs: BTreeMap::new(),
+            opts: opts.clone(),
+            _mock: mock,
+            _pg: pg,
+        };
+        // The API migrates the outbox and shop schemas; the others wait for it to be ready.
+        stack.spawn(stack.api_spec(api_port)?)?;
+        stack.wait_ready(&["api"], Duration::from_secs(60)).await?;
+        stack.spawn(stack.relay_spec()?)?;
+        for i in 1..=opts.pharmacy {
+            stack.spawn(stack.consumer_spec("pharmacy", i)?)?;
+        }
+        for i in 1..=opts.notification {
+            stack.spawn(stack.consumer_spec("notification", i)?)?;
+        }
+        let names: Vec<String> = stack.procs.keys().cloned().collect();
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        stack.wait_ready(&names, Duration::from_secs(60)).await?;
+        if opts.kafka_bootstrap.is_none() {
+            for group in ["pharmacy", "notification"] {
+                stack
+                    .wait_assigned(group, opts.partitions, Duration::from_secs(60))
+                    .await?;
+            }
+        }
+        Ok(stack)
+    }
+
+    /// Waits until the members of `group` together own `partitions` partitions (the group has settled).
+    pub async fn wait_assigned(
+        &self,
+        group: &str,
+        partitions: i32,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let owned = self
+                .metric_sum(group, "outbox_consumer_assigned_partitions")
+                .await;
+            if owned as i32 == partitions {
+                return Ok(());
+            }
+            if tokio::time::Instant::now() > deadline {
+                bail!("group {group} owns {owned} of {partitions} partitions after {timeout:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn common_env(&self) -> Vec<(String, String)> {
+        vec![
+            ("DATABASE_URL".into(), self.database_url.clone()),
+            ("KAFKA_BOOTSTRAP".into(), self.bootstrap.clone()),
+            (
+                "RUST_LOG".into(),
+                std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
+            ),
+        ]
+    }
+
+    fn api_spec(&self, port: u16) -> anyhow::Result<Spec> {
+        let mut env = self.common_env();
+        if self.opts.allow_crash {
+            env.push(("DEMO_ALLOW_CRASH".into(), "1".into()));
+        }
+        Ok(Spec {
+            name: "api".into(),
+            program: bin("demo-api")?,
+            args: vec!["--http-addr".into(), format!("127.0.0.1:{port}")],
+            env,
+            http_port: port,
+        })
+    }
+
+    /// How the relay is started (also used to restart it).
+    pub fn relay_spec(&self) -> anyhow::Result<Spec> {
+        let port = test_support::free_port();
+        let mut args: Vec<String> = [
+            "run",
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+            "--retention",
+            "archive",
+            "--dlq",
+            "true",
+            "--poll-interval",
+            "100ms",
+            "--instance-id",
+            "relay",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(self.opts.relay_args.iter().cloned());
+        Ok(Spec {
+            name: "relay".into(),
+            program: bin("outbox-relay")?,
+            args,
+            env: self.common_env(),
+            http_port: port,
+        })
+    }
+
+    /// How consumer `role`-`i` is started.
+    pub fn consumer_spec(&self, role: &str, i: usize) -> anyhow::Result<Spec> {
+        let port = test_support::free_port();
+        let name = format!("{role}-{i}");
+        let mut args: Vec<String> = [
+            "--role",
+            role,
+            "--http-addr",
+            &format!("127.0.0.1:{port}"),
+            "--instance-id",
+            &name,
+            "--session-timeout",
+            self.opts.session_timeout,
+            "--backoff-base",
+            "100ms",
+            "--max-attempts",
+            "3",
+        ]
+        .map(String::from)
+        .to_vec();
+        if self._mock.is_some() {
+            // The mock broker answers an empty fetch only at fetch.wait.max.ms (500 ms by default), where
+            // a real broker answers as soon as data arrives: keep the demo's latency figures honest.
+            args.extend(["--kafka-config".into(), "fetch.wait.max.ms=20".into()]);
+        }
+        Ok(Spec {
+            program: bin("demo-consumer")?,
+            args,
+            name,
+            env: self.common_env(),
+            http_port: port,
+        })
+    }
+
+    /// Starts a process (replacing a stopped one of the same name).
+    pub fn spawn(&mut self, spec: Spec) -> anyhow::Result<()> {
+        let p = Proc::start(spec, self.opts.echo)?;
+        self.procs.insert(p.spec.name.clone(), p);
+        Ok(())
+    }
+
+    /// Waits until each named process answers 200 on /readyz; fails early when one exits.
+    pub async fn wait_ready(&mut self, names: &[&str], timeout: Duration) -> anyhow::Result<()> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let http = reqwest::Client::new();
+        for name in names {
+            loop {
+                let p = self
+                    .procs
+                    .get_mut(*name)
+                    .with_context(|| format!("no process {name}"))?;
+                if let Some(status) = p.exited() {
+                    bail!(
+                        "{name} exited during start-up ({status}); its last lines:\n{}",
+                        p.logs().join("\n")
+                    );
+                }
+                let url = format!("http://127.0.0.1:{}/readyz", p.spec.http_port);
+                if let Ok(r) = http.get(&url).send().await {
+                    if r.status().is_success() {
+                        break;
+                    }
+                }
+                if tokio::time::Instant::now() > deadline {
+                    bail!(
+                        "{name} not ready within {timeout:?}; its last lines:\n{}",
+                        p.logs().join("\n")
+                    );
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGKILLs a process (a crash).
+    pub async fn kill(&mut self, name: &str) -> anyhow::Result<()> {
+        let p = self
+            .procs
+            .get_mut(name)
+            .with_context(|| format!("no process {name}"))?;
+        p.kill().await;
+        Ok(())
+    }
+
+    /// Starts a killed or stopped process again with its original settings and waits until it is ready.
+    pub async fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let spec = self
+            .procs
+            .get(name)
+            .with_context(|| format!("no process {name}"))?
+            .spec
+            .clone();
+        self.spawn(spec)?;
+        self.wait_ready(&[name], Duration::from_secs(60)).await
+    }
+
+    /// The /metrics text of a process.
+    pub async fn metrics(&self, name: &str) -> anyhow::Result<String> {
+        let p = self
+            .procs
+            .get(name)
+            .with_context(|| format!("no process {name}"))?;
+        Ok(
+            reqwest::get(format!("http://127.0.0.1:{}/metrics", p.spec.http_port))
+                .await?
+                .text()
+                .await?,
+        )
+    }
+
+    /// Sum of a metric over the processes whose name starts with `prefix`.
+    pub async fn metric_sum(&self, prefix: &str, metric: &str) -> f64 {
+        let mut total = 0.0;
+        for name in self.procs.keys().filter(|n| n.starts_with(prefix)) {
+            if let Ok(text) = self.metrics(name).await {
+                total += metric_value(&text, metric);
+            }
+        }
+        total
+    }
+
+    /// Processes that exited, with their status (a supervisor reports these).
+    pub fn exited(&mut self) -> Vec<(String, std::process::ExitStatus)> {
+        self.procs
+            .iter_mut()
+            .filter_map(|(n, p)| p.exited().map(|s| (n.clone(), s)))
+            .collect()
+    }
+
+    /// Stops every process with SIGTERM (consumers and API first, the relay last).
+    pub async fn stop(&mut self) -> Vec<(String, Option<std::process::ExitStatus>)> {
+        let mut out = Vec::new();
+        let mut names: Vec<String> = self.procs.keys().cloned().collect();
+        names.sort_by_key(|n| n == "relay");
+        for name in names {
+            if let Some(p) = self.procs.get_mut(&name) {
+                out.push((name, p.stop(Duration::from_secs(15)).await));
+            }
+        }
+        out
+    }
+}
+
+/// Sums the samples of `name` in Prometheus text (all label sets).
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Creates the topics on a real Kafka; existing ones are left as they are.
+async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .create()?;
+    let new: Vec<NewTopic<'_>> = topics
+        .iter()
+        .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)))
+        .collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in admin.create_topics(&new, &opts).await? {
+        match r {
+            Ok(_) | Err((_, rdkafka::types::RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => bail!("creating topic {t} on {bootstrap}: {e}"),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metric_values_sum_label_sets_and_ignore_longer_names() {
+        let text = "# HELP x\nm_total 3\nm_total{a=\"1\"} 2\nm_total_more 9\n";
+        assert_eq!(super::metric_value(text, "m_total"), 5.0);
+    }
+}
