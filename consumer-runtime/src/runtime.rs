@@ -607,7 +607,13 @@ impl<H: Handler> Runtime<H> {
 
     /// Marks everything up to and including `offset` as done; librdkafka commits it shortly after.
     fn store_offset(&self, consumer: &KafkaConsumer, slot: &Slot, offset: i64) {
-        if let Err(e) = consumer.store_offset(&slot.0, slot.1, offset + 1) {
+        // The committed offset is the next one to read. `store_offsets` takes it as given (the
+        // single-partition `store_offset` adds one itself, an easy way to skip a record).
+        let mut tpl = TopicPartitionList::new();
+        let next = tpl
+            .add_partition_offset(&slot.0, slot.1, Offset::Offset(offset + 1))
+            .and_then(|()| consumer.store_offsets(&tpl));
+        if let Err(e) = next {
             tracing::warn!(
                 topic = slot.0,
                 partition = slot.1,

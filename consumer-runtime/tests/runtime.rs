@@ -277,3 +277,79 @@ async fn inbox_expiry_removes_old_rows_in_bounded_batches() {
     assert_eq!(removed, 25);
     assert_eq!(count(&pool, "SELECT count(*) FROM inbox.inbox").await, 15);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_member_resumes_right_after_the_last_processed_record() {
+    let pool = setup().await;
+    let mock = mock_cluster(1, &[(TOPIC, 1)]);
+    let first: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+    let records: Vec<_> = first.iter().map(|id| (Some(*id), "k", "ok")).collect();
+    produce(&mock.bootstrap_servers(), &records).await;
+    let (metrics, stop, task) = start(&pool, config(mock.bootstrap_servers(), "g"));
+    wait_for("first ten", Duration::from_secs(30), || async {
+        (metrics.processed.get() == 10).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+
+    let second: Vec<Uuid> = (0..5).map(|_| Uuid::now_v7()).collect();
+    let records: Vec<_> = second.iter().map(|id| (Some(*id), "k", "ok")).collect();
+    produce(&mock.bootstrap_servers(), &records).await;
+    let (metrics, stop, task) = start(&pool, config(mock.bootstrap_servers(), "g"));
+    wait_for("all fifteen effects", Duration::from_secs(30), || async {
+        (count(&pool, "SELECT count(*) FROM effects").await == 15).then_some(())
+    })
+    .await;
+    // Give a wrongly committed offset time to show as re-reads.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(metrics.processed.get(), 5, "exactly the five new records");
+    assert_eq!(
+        metrics.duplicates.get(),
+        0,
+        "nothing re-read: the committed offset is the next record"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_a_partition_share_a_transaction_and_a_failure_inside_keeps_the_others_once() {
+    let pool = setup().await;
+    let mock = mock_cluster(1, &[(TOPIC, 1)]);
+    let ids: Vec<Uuid> = (0..300).map(|_| Uuid::now_v7()).collect();
+    let records: Vec<_> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| (Some(*id), "k", if i == 150 { "fail-1" } else { "ok" }))
+        .collect();
+    produce(&mock.bootstrap_servers(), &records).await;
+    let (metrics, stop, task) = start(&pool, config(mock.bootstrap_servers(), "g"));
+    wait_for("all handled", Duration::from_secs(30), || async {
+        (metrics.processed.get() == 300).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 300);
+    assert_eq!(
+        count(&pool, "SELECT count(DISTINCT event_id) FROM effects").await,
+        300
+    );
+    assert_eq!(
+        metrics.retries.get(),
+        1,
+        "the failure counted as one attempt"
+    );
+    let text = metrics.render();
+    // Fewer transactions than records: some runs held more than one record.
+    let transactions: f64 = text
+        .lines()
+        .find(|l| l.starts_with("outbox_consumer_batch_size_count"))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap();
+    assert!(
+        transactions < 150.0,
+        "{transactions} transactions for 300 records"
+    );
+}
