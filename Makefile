@@ -1,5 +1,5 @@
 # The README's commands. `make test` works on a fresh Debian machine with a Rust toolchain.
-.PHONY: setup test lint unit bench bench-relay demo
+.PHONY: setup test lint unit bench bench-relay bench-consumer build demo
 
 setup:
 	@bash scripts/setup.sh
@@ -11,12 +11,22 @@ lint:
 test: setup lint
 	cargo test --workspace --locked
 
-bench: bench-relay
+bench: bench-relay bench-consumer
 
 bench-relay: setup
 	cargo build --release --locked -p relay --bins --examples
 	./target/release/examples/bench_relay
 
-demo:
-	@echo "make demo: the whole pipeline (consumer runtime, demo API) is not built yet; see the README." >&2
-	@exit 2
+bench-consumer: setup
+	cargo build --release --locked -p consumer-runtime --examples
+	./target/release/examples/bench_consumer
+
+# Every binary of the workspace (debug profile: quick to build, plenty fast for the demo).
+build: setup
+	cargo build --workspace --bins --locked
+
+# The whole pipeline on this machine until Ctrl-C. LOAD=N posts N orders and prints a report;
+# DATABASE_URL / KAFKA_BOOTSTRAP use a real PostgreSQL / Kafka instead of the throwaway ones.
+LOAD ?= 0
+demo: build
+	./target/debug/outbox-demo --load $(LOAD)
