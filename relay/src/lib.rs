@@ -9,6 +9,7 @@ pub mod coordinator;
 pub mod event;
 pub mod health;
 pub mod http;
+pub mod lease;
 pub mod metrics;
 pub mod plan;
 pub mod producer;

@@ -18,8 +18,10 @@ pub fn watch(child_pid: u32, signal: &str, data_dir: Option<&Path>) {
          for i in $(seq 1 40); do kill -0 {child_pid} 2>/dev/null || break; sleep 0.25; done; \
          kill -KILL {child_pid} 2>/dev/null{cleanup}"
     );
-    Command::new("sh")
-        .arg("-c")
+    let mut cmd = Command::new("sh");
+    // Its own process group: a supervisor that kills our whole group must not take the watchdog along.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    cmd.arg("-c")
         .arg(script)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
