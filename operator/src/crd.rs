@@ -1,0 +1,405 @@
+//! CRD types. Secrets are only ever referenced, never written into a spec.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::{CustomResource, CustomResourceExt, KubeSchema};
+use serde::{Deserialize, Serialize};
+
+/// API group of the operator's resources.
+pub const GROUP: &str = "outbox.dev";
+
+/// A key of a Secret in the resource's namespace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[x_kube(validation = Rule::new("self != ''").message("must not be empty"))]
+    pub name: String,
+    /// Key in the Secret.
+    #[serde(default = "default_url_key")]
+    pub key: String,
+}
+
+fn default_url_key() -> String {
+    "url".into()
+}
+
+/// Where the outbox lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseSpec {
+    /// Secret key holding the `postgres://` URL (with credentials).
+    pub secret_ref: SecretKeyRef,
+    /// Outbox schema.
+    #[serde(default = "default_schema")]
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
+    pub schema: String,
+}
+
+fn default_schema() -> String {
+    "outbox".into()
+}
+
+/// Kafka connection.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSpec {
+    /// Bootstrap servers, `host:port[,host:port]`.
+    #[schemars(length(min = 3))]
+    pub bootstrap: String,
+    /// Secret whose keys are librdkafka properties (SASL/TLS), e.g. `sasl.password`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_secret_ref: Option<String>,
+}
+
+/// How the relays of one outbox coordinate.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, Default,
+)]
+pub enum CoordinationMode {
+    /// Kubernetes Lease: one publisher, the others stand by.
+    #[default]
+    Lease,
+    /// PostgreSQL advisory lock: one publisher.
+    Single,
+    /// Every replica publishes; no order across replicas.
+    Competing,
+}
+
+/// Coordination settings (client-go timings).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    cel,
+    validation = Rule::new("self.leaseDurationSeconds > self.renewDeadlineSeconds && self.renewDeadlineSeconds > self.retryPeriodSeconds")
+        .message("lease duration must exceed the renew deadline, which must exceed the retry period")
+)]
+pub struct CoordinationSpec {
+    /// Mode.
+    #[serde(default)]
+    pub mode: CoordinationMode,
+    /// Lease validity without renewal.
+    #[serde(default = "d15")]
+    #[schemars(range(min = 2, max = 600))]
+    pub lease_duration_seconds: i32,
+    /// The holder stops publishing when it could not renew for this long.
+    #[serde(default = "d10")]
+    #[schemars(range(min = 1, max = 600))]
+    pub renew_deadline_seconds: i32,
+    /// Pause between attempts.
+    #[serde(default = "d2")]
+    #[schemars(range(min = 1, max = 600))]
+    pub retry_period_seconds: i32,
+}
+
+fn d15() -> i32 {
+    15
+}
+fn d10() -> i32 {
+    10
+}
+fn d2() -> i32 {
+    2
+}
+
+impl Default for CoordinationSpec {
+    fn default() -> Self {
+        Self {
+            mode: CoordinationMode::Lease,
+            lease_duration_seconds: 15,
+            renew_deadline_seconds: 10,
+            retry_period_seconds: 2,
+        }
+    }
+}
+
+/// What later events of a dead-lettered event's key do.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, Default,
+)]
+pub enum PoisonPolicy {
+    /// The key waits until the dead event is redriven or discarded.
+    #[default]
+    ParkKey,
+    /// The key continues.
+    Skip,
+}
+
+/// What happens to delivered rows.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, Default,
+)]
+pub enum Retention {
+    /// Deleted.
+    #[default]
+    Delete,
+    /// Moved to the archive (day partitions), for replay.
+    Archive,
+}
+
+/// A relay for one outbox: claim → produce → settle.
+// Several `printcolumn(...)` entries share keys on purpose; clippy reads them as duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "outbox.dev",
+    version = "v1alpha1",
+    kind = "OutboxRelay",
+    namespaced,
+    shortname = "obr",
+    category = "outbox",
+    status = "OutboxRelayStatus",
+    doc = "Moves committed outbox events from PostgreSQL to Kafka",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status"
+    ),
+    printcolumn(name = "Leader", type_ = "string", json_path = ".status.leader"),
+    printcolumn(name = "Backlog", type_ = "integer", json_path = ".status.backlog"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    cel
+)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxRelaySpec {
+    /// Database of the outbox.
+    pub database: DatabaseSpec,
+    /// Kafka.
+    pub kafka: KafkaSpec,
+    /// Coordination between replicas.
+    #[serde(default)]
+    pub coordination: CoordinationSpec,
+    /// Replicas (one publishes, the others stand by, unless `competing`).
+    #[serde(default = "default_relay_replicas")]
+    #[schemars(range(min = 1, max = 10))]
+    pub replicas: i32,
+    /// Events per claim transaction.
+    #[serde(default = "default_batch")]
+    #[schemars(range(min = 1, max = 50000))]
+    pub batch_size: i32,
+    /// Poll interval when drained, in milliseconds.
+    #[serde(default = "default_poll")]
+    #[schemars(range(min = 10, max = 60000))]
+    pub poll_interval_ms: i32,
+    /// Attempts before an event is dead-lettered.
+    #[serde(default = "default_attempts")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_attempts: i32,
+    /// After a dead letter.
+    #[serde(default)]
+    pub poison: PoisonPolicy,
+    /// Also publish dead events to `<topic>.dlq`.
+    #[serde(default)]
+    pub dlq: bool,
+    /// Delivered rows.
+    #[serde(default)]
+    pub retention: Retention,
+    /// Relay image (default: the operator's matching version).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Container resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+fn default_relay_replicas() -> i32 {
+    2
+}
+fn default_batch() -> i32 {
+    1000
+}
+fn default_poll() -> i32 {
+    500
+}
+fn default_attempts() -> i32 {
+    10
+}
+
+/// Observed state of an [`OutboxRelay`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct OutboxRelayStatus {
+    /// kstatus conditions: `Ready`, and `Reconciling`/`Stalled` when abnormal.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pod holding the Lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// `leaseTransitions` of the Lease (the fencing epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lease_transitions: Option<i32>,
+    /// Pending events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backlog: Option<i64>,
+    /// Age of the oldest pending event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oldest_pending_age_seconds: Option<f64>,
+}
+
+/// Whether a topic is deleted with its ConsumerGroup.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, Default,
+)]
+pub enum DeletionPolicy {
+    /// Kept (no finalizer).
+    #[default]
+    Retain,
+    /// Deleted with the resource (finalizer).
+    Delete,
+}
+
+/// Replicas beyond the partition count.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema, Default,
+)]
+pub enum PartitionPolicy {
+    /// Effective replicas = partitions (Warning event `ScaleCapped`).
+    #[default]
+    Cap,
+    /// Raise partitions to the replica count (never shrink).
+    GrowPartitions,
+}
+
+/// A topic the group consumes, managed by the operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TopicSpec {
+    /// Kafka topic name.
+    #[schemars(regex(pattern = r"^[a-zA-Z0-9._-]{1,249}$"))]
+    pub name: String,
+    /// Partitions (never decrease).
+    #[schemars(range(min = 1, max = 10000))]
+    pub partitions: i32,
+    /// Replication factor at creation.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 10))]
+    pub replication_factor: i32,
+    /// Topic configuration (`retention.ms`, ...).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub config: BTreeMap<String, String>,
+    /// Delete the topic with the resource?
+    #[serde(default)]
+    pub deletion_policy: DeletionPolicy,
+}
+
+fn one() -> i32 {
+    1
+}
+
+/// A consumer group: a Deployment of the consumer image, its topics and partitions.
+// Several `printcolumn(...)` entries share keys on purpose; clippy reads them as duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[kube(
+    group = "outbox.dev",
+    version = "v1alpha1",
+    kind = "ConsumerGroup",
+    namespaced,
+    shortname = "cg",
+    category = "outbox",
+    status = "ConsumerGroupStatus",
+    doc = "An idempotent consumer group with its topics",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(
+        name = "Partitions",
+        type_ = "integer",
+        json_path = ".status.totalPartitions"
+    ),
+    printcolumn(name = "Lag", type_ = "integer", json_path = ".status.lag"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    ),
+    cel
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerGroupSpec {
+    /// Kafka consumer group id (immutable: a new id is a new group).
+    #[x_kube(validation = Rule::new("self == oldSelf").message("groupId is immutable"))]
+    #[schemars(length(min = 1, max = 249))]
+    pub group_id: String,
+    /// Topics.
+    #[x_kube(validation = Rule::new("oldSelf.all(o, self.exists(t, t.name == o.name))").message("topics cannot be removed or renamed"))]
+    #[x_kube(validation = Rule::new("oldSelf.all(o, self.all(t, t.name != o.name || t.partitions >= o.partitions))").message("partitions never decrease"))]
+    #[schemars(length(min = 1, max = 50))]
+    pub topics: Vec<TopicSpec>,
+    /// Consumer replicas (the /scale subresource).
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+    /// Replicas beyond the partition count.
+    #[serde(default)]
+    pub partition_policy: PartitionPolicy,
+    /// Consumer image.
+    pub image: String,
+    /// Extra environment.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Container resources.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// Observed state of a [`ConsumerGroup`].
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ConsumerGroupStatus {
+    /// kstatus conditions.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Generation the status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Pods of the Deployment.
+    #[serde(default)]
+    pub replicas: i32,
+    /// Ready pods.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Label selector of the pods, as a string (for /scale, HPA, KEDA).
+    #[serde(default)]
+    pub selector: String,
+    /// Partitions per topic.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub partitions: BTreeMap<String, i32>,
+    /// Sum of partitions over the topics.
+    #[serde(default)]
+    pub total_partitions: i32,
+    /// High watermark − committed offset, summed over partitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<i64>,
+}
+
+/// First line of every generated file.
+pub const GENERATED: &str =
+    "# Generated by `cargo run -p operator --bin crdgen` from operator/src/crd.rs; do not edit.";
+
+/// The CRDs as YAML documents, by file name (what `crdgen` writes to `crds/`).
+pub fn crd_files() -> Vec<(&'static str, String)> {
+    let yaml = |crd| {
+        format!(
+            "{GENERATED}\n{}",
+            serde_norway::to_string(&crd).expect("CRD serializes")
+        )
+    };
+    vec![
+        ("outboxrelays.outbox.dev.yaml", yaml(OutboxRelay::crd())),
+        ("consumergroups.outbox.dev.yaml", yaml(ConsumerGroup::crd())),
+    ]
+}
