@@ -126,7 +126,10 @@ fn the_examples_parse_and_pass_the_cel_rules() {
     let relay: OutboxRelay = serde_norway::from_str(&read("outboxrelay.yaml")).unwrap();
     relay.validate_cel().unwrap();
     assert_eq!(relay.spec.replicas, 2);
-    for f in ["consumergroup-pharmacy.yaml", "consumergroup-notification.yaml"] {
+    for f in [
+        "consumergroup-pharmacy.yaml",
+        "consumergroup-notification.yaml",
+    ] {
         let g: ConsumerGroup = serde_norway::from_str(&read(f)).unwrap();
         g.validate_cel().unwrap();
         assert_eq!(g.spec.topics[0].name, "orders", "{f}");
