@@ -272,10 +272,12 @@ impl<H: Handler> Runtime<H> {
         consumer.subscribe(&topics)?;
         tracing::info!(group = %self.cfg.group_id, instance = %self.cfg.instance_id, ?topics, "consuming");
         let monitors = shutdown.child_token();
-        tokio::spawn(watch_database(
+        let health = self.health.clone();
+        tokio::spawn(outbox::service::watch_database(
             self.pool.clone(),
-            self.health.clone(),
+            Duration::from_secs(2),
             monitors.clone(),
+            move |up| health.set_database(up),
         ));
         if let Some(window) = self.cfg.inbox_retention {
             tokio::spawn(expire_inbox(
@@ -692,23 +694,6 @@ impl<H: Handler> Runtime<H> {
             .await
             .map(|_| ())
             .map_err(|(e, _)| e)
-    }
-}
-
-/// Keeps the database flag of readiness current.
-async fn watch_database(pool: PgPool, health: Arc<Health>, stop: CancellationToken) {
-    loop {
-        let up = tokio::time::timeout(
-            Duration::from_secs(2),
-            sqlx::query("SELECT 1").execute(&pool),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
-        health.set_database(up);
-        tokio::select! {
-            _ = stop.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-        }
     }
 }
 

@@ -123,7 +123,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         migrate(&pool, &s.outbox, &s.shop).await?;
     }
     let database_up = Arc::new(AtomicBool::new(true));
-    tokio::spawn(watch_database(pool.clone(), database_up.clone()));
+    let up = database_up.clone();
+    tokio::spawn(outbox::service::watch_database(
+        pool.clone(),
+        Duration::from_secs(2),
+        shutdown.clone(),
+        move |ok| up.store(ok, Ordering::Relaxed),
+    ));
     let state = AppState {
         pool,
         outbox: Outbox::new(s.outbox.clone()),
@@ -150,19 +156,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     tracing::info!("demo-api listening on http://{addr}");
     shutdown.cancelled().await;
     Ok(())
-}
-
-async fn watch_database(pool: PgPool, up: Arc<AtomicBool>) {
-    loop {
-        let ok = tokio::time::timeout(
-            Duration::from_secs(2),
-            sqlx::query("SELECT 1").execute(&pool),
-        )
-        .await
-        .is_ok_and(|r| r.is_ok());
-        up.store(ok, Ordering::Relaxed);
-        tokio::time::sleep(Duration::from_secs(2)).await;
-    }
 }
 
 #[cfg(test)]

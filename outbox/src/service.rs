@@ -157,6 +157,32 @@ pub async fn wait_for_database(opts: &PgConnectOptions, shutdown: &CancellationT
     .await
 }
 
+/// Whether the database answers `SELECT 1` within two seconds (readiness probes).
+pub async fn database_answers(pool: &sqlx::PgPool) -> bool {
+    tokio::time::timeout(
+        std::time::Duration::from_secs(2),
+        sqlx::query("SELECT 1").execute(pool),
+    )
+    .await
+    .is_ok_and(|r| r.is_ok())
+}
+
+/// Reports [`database_answers`] to `report` every `every` until `stop`.
+pub async fn watch_database(
+    pool: sqlx::PgPool,
+    every: std::time::Duration,
+    stop: CancellationToken,
+    report: impl Fn(bool),
+) {
+    loop {
+        report(database_answers(&pool).await);
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}
+
 /// Calls `attempt_once` until it succeeds (`true`) or `shutdown` fires (`false`), logging each failure
 /// with the backoff before the next try (0.5 s doubling, at most 30 s).
 pub async fn retry_until<F, Fut, E>(

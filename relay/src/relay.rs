@@ -331,12 +331,7 @@ impl Relay {
         tokio::spawn(async move {
             let mut last_backlog = Instant::now() - Duration::from_secs(60);
             while !shutdown.is_cancelled() {
-                let db = tokio::time::timeout(
-                    Duration::from_secs(2),
-                    sqlx::query("SELECT 1").execute(&me.pool),
-                )
-                .await;
-                let db_up = matches!(db, Ok(Ok(_)));
+                let db_up = outbox::service::database_answers(&me.pool).await;
                 me.health.set_database(db_up);
                 me.metrics.database_up.set(db_up as i64);
                 let broker_up = me.producer.probe(Duration::from_secs(2)).await.is_ok();
