@@ -17,6 +17,19 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// Sums the samples of metric `name` in Prometheus/OpenMetrics text, over all label sets (a longer
+/// name that starts with `name` is another metric and does not count).
+pub fn metric_value(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// Polls `check` every 50 ms until it returns `Some`, or fails after `timeout` naming `what`.
 pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
 where
@@ -33,5 +46,14 @@ where
             "timed out after {timeout:?} waiting for {what}"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn metric_values_sum_label_sets_and_ignore_longer_names() {
+        let text = "# HELP x\nm_total 3\nm_total{a=\"1\"} 2\nm_total_more 9\n";
+        assert_eq!(super::metric_value(text, "m_total"), 5.0);
     }
 }

@@ -340,7 +340,7 @@ impl Stack {
         let mut total = 0.0;
         for name in self.procs.keys().filter(|n| n.starts_with(prefix)) {
             if let Ok(text) = self.metrics(name).await {
-                total += metric_value(&text, metric);
+                total += test_support::metric_value(&text, metric);
             }
         }
         total
@@ -368,18 +368,6 @@ impl Stack {
     }
 }
 
-/// Sums the samples of `name` in Prometheus text (all label sets).
-pub fn metric_value(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
 /// Creates the topics on a real Kafka; existing ones are left as they are.
 async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -397,13 +385,4 @@ async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> anyhow::Resul
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn metric_values_sum_label_sets_and_ignore_longer_names() {
-        let text = "# HELP x\nm_total 3\nm_total{a=\"1\"} 2\nm_total_more 9\n";
-        assert_eq!(super::metric_value(text, "m_total"), 5.0);
-    }
 }

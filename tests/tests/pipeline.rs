@@ -85,7 +85,7 @@ async fn five_thousand_orders_have_exactly_one_effect_per_group_and_receipts() {
     // Lag per partition is exported and drains to zero.
     let text = test_support::wait_for("lag drained", Duration::from_secs(20), || async {
         let t = stack.metrics("notification-1").await.ok()?;
-        let lag = e2e::stack::metric_value(&t, "outbox_consumer_lag");
+        let lag = test_support::metric_value(&t, "outbox_consumer_lag");
         (t.contains("outbox_consumer_lag{") && lag == 0.0).then_some(t)
     })
     .await;

@@ -231,10 +231,5 @@ pub async fn http_get(port: u16, path: &str) -> Option<(u16, String)> {
     Some((r.status().as_u16(), r.text().await.ok()?))
 }
 
-/// Reads a counter/gauge value from /metrics text.
-pub fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
+#[allow(unused_imports)] // not every test binary reads metrics
+pub use test_support::metric_value as metric;
