@@ -1,6 +1,6 @@
 //! Readiness of a consumer: database and broker reachable; how many partitions it owns.
 
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use outbox::surfaces::Surface;
@@ -13,7 +13,6 @@ use crate::metrics::Metrics;
 pub struct Health {
     database_up: AtomicBool,
     broker_up: AtomicBool,
-    assigned: AtomicUsize,
 }
 
 /// The `/readyz` body.
@@ -41,20 +40,15 @@ impl Health {
         self.broker_up.store(up, Ordering::Relaxed);
     }
 
-    /// Records how many partitions this member owns.
-    pub fn set_assigned(&self, n: usize) {
-        self.assigned.store(n, Ordering::Relaxed);
-    }
-
-    /// The current readiness.
-    pub fn readiness(&self) -> Readiness {
+    /// The current readiness of a member owning `assigned_partitions` partitions.
+    pub fn readiness(&self, assigned_partitions: usize) -> Readiness {
         let database = self.database_up.load(Ordering::Relaxed);
         let broker = self.broker_up.load(Ordering::Relaxed);
         Readiness {
             ready: database && broker,
             database,
             broker,
-            assigned_partitions: self.assigned.load(Ordering::Relaxed),
+            assigned_partitions,
         }
     }
 }
@@ -70,7 +64,10 @@ pub struct Surfaces {
 
 impl Surface for Surfaces {
     fn readiness(&self) -> (bool, serde_json::Value) {
-        let r = self.health.readiness();
+        // The partition count lives in the metrics gauge the rebalance callback keeps.
+        let r = self
+            .health
+            .readiness(self.metrics.assigned_partitions.get().max(0) as usize);
         (
             r.ready,
             serde_json::to_value(&r).expect("readiness serializes"),
@@ -88,18 +85,21 @@ mod tests {
 
     #[test]
     fn ready_needs_database_and_broker_but_not_partitions() {
-        let h = Health::default();
-        assert!(!h.readiness().ready);
-        h.set_database(true);
-        assert!(!h.readiness().ready, "broker still unknown");
-        h.set_broker(true);
-        let r = h.readiness();
-        assert!(r.ready);
-        assert_eq!(r.assigned_partitions, 0);
-        h.set_assigned(3);
-        h.set_database(false);
-        let r = h.readiness();
-        assert!(!r.ready);
-        assert_eq!(r.assigned_partitions, 3);
+        let s = Surfaces {
+            health: Arc::default(),
+            metrics: Arc::default(),
+        };
+        assert!(!s.readiness().0);
+        s.health.set_database(true);
+        assert!(!s.readiness().0, "broker still unknown");
+        s.health.set_broker(true);
+        let (ready, body) = s.readiness();
+        assert!(ready, "no partitions is still ready: {body}");
+        assert_eq!(body["assigned_partitions"], 0);
+        s.metrics.assigned_partitions.set(3);
+        s.health.set_database(false);
+        let (ready, body) = s.readiness();
+        assert!(!ready);
+        assert_eq!(body["assigned_partitions"], 3);
     }
 }

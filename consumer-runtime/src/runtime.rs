@@ -139,12 +139,10 @@ impl ConsumerContext for Callbacks {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(group = %self.group, partitions = tpl.count(), "partitions revoked; committing processed offsets");
                 commit_stored(consumer);
-                self.health.set_assigned(0);
                 self.metrics.assigned_partitions.set(0);
             }
             Rebalance::Assign(tpl) => {
                 tracing::info!(group = %self.group, partitions = tpl.count(), "partitions assigned");
-                self.health.set_assigned(tpl.count());
                 self.metrics.assigned_partitions.set(tpl.count() as i64);
             }
             Rebalance::Error(e) => tracing::warn!(group = %self.group, "rebalance error: {e}"),
