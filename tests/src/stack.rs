@@ -39,8 +39,6 @@ pub struct Options {
     pub api_port: u16,
     /// Consumer group session timeout (how soon a killed consumer's partitions move).
     pub session_timeout: &'static str,
-    /// Extra arguments for the relay.
-    pub relay_args: Vec<String>,
 }
 
 impl Default for Options {
@@ -55,7 +53,6 @@ impl Default for Options {
             echo: false,
             api_port: 0,
             session_timeout: "6s",
-            relay_args: vec![],
         }
     }
 }
@@ -199,7 +196,7 @@ impl Stack {
     /// How the relay is started (also used to restart it).
     pub fn relay_spec(&self) -> anyhow::Result<Spec> {
         let port = test_support::free_port();
-        let mut args: Vec<String> = [
+        let args: Vec<String> = [
             "run",
             "--http-addr",
             &format!("127.0.0.1:{port}"),
@@ -214,7 +211,6 @@ impl Stack {
         ]
         .map(String::from)
         .to_vec();
-        args.extend(self.opts.relay_args.iter().cloned());
         Ok(Spec {
             name: "relay".into(),
             program: bin("outbox-relay")?,
