@@ -17,6 +17,8 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::coordinator::{Competing, Coordinator, SingleLock};
 use crate::health::Health;
+use crate::kube_lease::{LeaseClient, LeaseCoordinator};
+use crate::lease::Timings;
 use crate::metrics::Metrics;
 use crate::plan::{PoisonPolicy, RetryPolicy};
 use crate::producer::{KafkaSettings, Partitioning, Producer};
@@ -101,6 +103,9 @@ enum Command {
 pub enum Coordination {
     /// One publisher per outbox (PostgreSQL advisory lock); others wait.
     Single,
+    /// One publisher per Kubernetes Lease (client-go semantics); others stand by. Needs a kubeconfig or
+    /// an in-cluster service account.
+    Lease,
     /// Several publishers share the work; no ordering across their batches.
     Competing,
 }
@@ -151,6 +156,25 @@ struct RunArgs {
     /// Fencing scope shared by the relays of one outbox.
     #[arg(long, env = "RELAY_FENCE_SCOPE", default_value = "default")]
     fence_scope: String,
+    /// Lease name (lease mode).
+    #[arg(long, env = "RELAY_LEASE_NAME", default_value = "outbox-relay")]
+    lease_name: String,
+    /// Lease namespace (lease mode); default: the pod's namespace or the kubeconfig's.
+    #[arg(long, env = "POD_NAMESPACE")]
+    lease_namespace: Option<String>,
+    /// How long the Lease stays valid without renewal (lease mode).
+    #[arg(long, env = "RELAY_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// The holder stops publishing when it could not renew for this long (lease mode).
+    #[arg(long, env = "RELAY_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    renew_deadline: Duration,
+    /// Pause between Lease attempts (lease mode).
+    #[arg(long, env = "RELAY_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    retry_period: Duration,
+    /// OutboxRelay whose status the leader keeps up to date (backlog, oldest pending age, leader; lease
+    /// mode, every 15 s).
+    #[arg(long, env = "RELAY_STATUS_RESOURCE")]
+    status_resource: Option<String>,
     /// How often a standby retries the advisory lock.
     #[arg(long, env = "RELAY_LOCK_RETRY", default_value = "2s", value_parser = humantime::parse_duration)]
     lock_retry: Duration,
@@ -317,6 +341,18 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
             "must not exceed --backoff-max",
         ));
     }
+    let timings = Timings {
+        lease_duration: args.lease_duration,
+        renew_deadline: args.renew_deadline,
+        retry_period: args.retry_period,
+    };
+    if let Err(why) = timings.validate() {
+        return Err(config_error(
+            "--lease-duration/--renew-deadline/--retry-period",
+            "RELAY_LEASE_DURATION/RELAY_RENEW_DEADLINE/RELAY_RETRY_PERIOD",
+            why,
+        ));
+    }
     let instance = args.instance_id.clone().unwrap_or_else(|| {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "relay".into());
         format!("{host}-{}", std::process::id())
@@ -386,7 +422,7 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
         cfg,
         pool.clone(),
         producer,
-        metrics,
+        metrics.clone(),
         health.clone(),
     ));
     relay.spawn_monitors(shutdown.clone());
@@ -403,10 +439,54 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
             .with_retry(args.lock_retry),
         ),
         Coordination::Competing => Box::new(Competing),
+        Coordination::Lease => {
+            let (client, namespace) = kube_client(args.lease_namespace.clone()).await?;
+            let client_lease = LeaseClient::new(
+                client.clone(),
+                &namespace,
+                args.lease_name.clone(),
+                instance.clone(),
+                timings,
+            );
+            if let Some(name) = args.status_resource.clone() {
+                crate::status::spawn_reporter(
+                    client,
+                    &namespace,
+                    name,
+                    instance.clone(),
+                    metrics.clone(),
+                    shutdown.clone(),
+                );
+            }
+            Box::new(LeaseCoordinator::new(
+                client_lease,
+                pool,
+                relay.store().clone(),
+                args.fence_scope,
+                health,
+                metrics.clone(),
+            ))
+        }
     };
     relay.run(coordinator.as_mut(), shutdown).await?;
     tracing::info!("stopped cleanly");
     Ok(())
+}
+
+/// A client from the in-cluster service account or the kubeconfig, and the namespace to use.
+async fn kube_client(namespace: Option<String>) -> anyhow::Result<(kube::Client, String)> {
+    // Two TLS backends are linked (sqlx's and kube's); rustls needs the process-wide choice made once.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let config = kube::Config::infer().await.map_err(|e| {
+        config_error(
+            "--coordination lease",
+            "KUBECONFIG",
+            format!("no Kubernetes configuration (in-cluster or kubeconfig): {e}"),
+        )
+    })?;
+    let namespace = namespace.unwrap_or_else(|| config.default_namespace.clone());
+    let client = kube::Client::try_from(config).context("create the Kubernetes client")?;
+    Ok((client, namespace))
 }
 
 async fn replay(

@@ -123,6 +123,8 @@ pub struct Elector {
     leading: Option<(i64, Instant)>,
     /// The write in flight and its send time.
     pending: Option<(Write, Instant)>,
+    /// Every epoch this candidate takes is above this (the fence table's epoch, when it is ahead of the Lease).
+    floor: i64,
 }
 
 impl Elector {
@@ -134,7 +136,25 @@ impl Elector {
             observed: None,
             leading: None,
             pending: None,
+            floor: -1,
         }
+    }
+
+    /// Makes every later acquisition take an epoch above `epoch`. Used when the fence table is ahead of the
+    /// Lease (the Lease was recreated, or the outbox was fenced by another coordination mode before): epochs
+    /// still come only from compare-and-swap writes, so they stay unique.
+    pub fn raise_epoch_floor(&mut self, epoch: i64) {
+        self.floor = self.floor.max(epoch);
+    }
+
+    fn next_epoch(&self, transitions: i64) -> i64 {
+        (transitions + 1).max(self.floor + 1)
+    }
+
+    /// When publishing must stop unless a renewal succeeds first (`None`: not leading).
+    pub fn publish_deadline(&self) -> Option<Instant> {
+        self.leading
+            .map(|(_, renewed)| renewed + self.timings.renew_deadline)
     }
 
     /// This candidate's name.
@@ -154,7 +174,10 @@ impl Elector {
         self.expire(now);
         let record = match read {
             Read::Error(e) => return Step::Wait(format!("cannot read the Lease: {e}")),
-            Read::Missing => return self.send(now, Write::Create { transitions: 0 }),
+            Read::Missing => {
+                let transitions = self.next_epoch(-1);
+                return self.send(now, Write::Create { transitions });
+            }
             Read::Found(r) => r,
         };
         match &self.observed {
@@ -172,7 +195,7 @@ impl Elector {
                         now,
                         Write::Update {
                             resource_version: record.resource_version.clone(),
-                            transitions: record.transitions + 1,
+                            transitions: self.next_epoch(record.transitions),
                             takeover: true,
                         },
                     );
@@ -200,7 +223,7 @@ impl Elector {
                     now,
                     Write::Update {
                         resource_version: record.resource_version.clone(),
-                        transitions: record.transitions + 1,
+                        transitions: self.next_epoch(record.transitions),
                         takeover: true,
                     },
                 )
@@ -210,7 +233,7 @@ impl Elector {
                 now,
                 Write::Update {
                     resource_version: record.resource_version.clone(),
-                    transitions: record.transitions + 1,
+                    transitions: self.next_epoch(record.transitions),
                     takeover: true,
                 },
             ),
@@ -383,6 +406,42 @@ mod tests {
                 takeover: true
             })
         );
+    }
+
+    #[test]
+    fn an_epoch_floor_lifts_creations_and_takeovers_above_the_fence() {
+        let t0 = Instant::now();
+        let mut a = Elector::new("a", Timings::default());
+        a.raise_epoch_floor(41);
+        a.raise_epoch_floor(7); // never lowers
+        assert_eq!(
+            a.observe(t0, &Read::Missing),
+            Step::Write(Write::Create { transitions: 42 })
+        );
+        let mut b = Elector::new("b", Timings::default());
+        b.raise_epoch_floor(41);
+        assert_eq!(
+            b.observe(t0, &rec("", 3, "9")),
+            Step::Write(Write::Update {
+                resource_version: "9".into(),
+                transitions: 42,
+                takeover: true
+            })
+        );
+        // Above the floor the Lease's own count wins.
+        let mut c = Elector::new("c", Timings::default());
+        c.raise_epoch_floor(2);
+        assert_eq!(
+            c.observe(t0, &rec("", 50, "9")),
+            Step::Write(Write::Update {
+                resource_version: "9".into(),
+                transitions: 51,
+                takeover: true
+            })
+        );
+        assert_eq!(c.publish_deadline(), None);
+        c.written(&Written::Ok("10".into()));
+        assert_eq!(c.publish_deadline(), Some(t0 + Duration::from_secs(10)));
     }
 
     /// A simulated API server, fence table and two or three candidates with skewed clocks, pauses,

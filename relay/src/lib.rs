@@ -2,19 +2,21 @@
 //! producer, and settles them (delete/archive, retry with backoff, dead-letter) in the claim transaction.
 //!
 //! Layout: [`plan`] decides (pure), [`store`] and [`producer`] do the IO, [`relay`] runs the loop,
-//! [`coordinator`] gates it, [`retention`] and [`tools`] are the maintenance side, [`cli`] the binary.
+//! [`coordinator`] gates it ([`lease`] decides and [`kube_lease`] does the IO of the Kubernetes Lease mode), [`retention`] and [`tools`] are the maintenance side, [`cli`] the binary.
 
 pub mod cli;
 pub mod coordinator;
 pub mod event;
 pub mod health;
 pub mod http;
+pub mod kube_lease;
 pub mod lease;
 pub mod metrics;
 pub mod plan;
 pub mod producer;
 pub mod relay;
 pub mod retention;
+pub mod status;
 pub mod store;
 pub mod tools;
 

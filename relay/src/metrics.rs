@@ -59,10 +59,20 @@ pub struct Metrics {
     pub order_violations: Counter,
     /// 1 while this relay holds the right to publish.
     pub active: Gauge,
+    /// 1 while this relay holds the Kubernetes Lease (lease mode).
+    pub is_leader: Gauge,
+    /// `leaseTransitions` of the Lease when this relay last acquired it (its fencing epoch).
+    pub lease_transitions: Gauge,
+    /// Duration of Lease writes (acquire and renew), by result.
+    pub lease_write_seconds: Family<Reason, Histogram>,
     /// 1 while the database answers.
     pub database_up: Gauge,
     /// 1 while the broker answers.
     pub broker_up: Gauge,
+}
+
+fn lease_buckets() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 14))
 }
 
 impl Default for Metrics {
@@ -90,6 +100,9 @@ impl Metrics {
             batch_errors: Family::default(),
             order_violations: Counter::default(),
             active: Gauge::default(),
+            is_leader: Gauge::default(),
+            lease_transitions: Gauge::default(),
+            lease_write_seconds: Family::new_with_constructor(lease_buckets),
             database_up: Gauge::default(),
             broker_up: Gauge::default(),
             registry: Registry::default(),
@@ -156,6 +169,21 @@ impl Metrics {
             m.order_violations.clone(),
         );
         registry.register("active", "1 while this relay may publish", m.active.clone());
+        registry.register(
+            "lease_is_leader",
+            "1 while this relay holds the Kubernetes Lease",
+            m.is_leader.clone(),
+        );
+        registry.register(
+            "lease_transitions",
+            "leaseTransitions of the Lease at this relay's last acquisition (its fencing epoch)",
+            m.lease_transitions.clone(),
+        );
+        registry.register(
+            "lease_write_seconds",
+            "Duration of Lease acquire and renew writes, by result",
+            m.lease_write_seconds.clone(),
+        );
         registry.register(
             "database_up",
             "1 while the database answers",

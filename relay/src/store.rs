@@ -252,6 +252,22 @@ impl Store {
         })
     }
 
+    /// The epoch stored for `scope`, if any.
+    pub async fn fence_epoch(
+        &self,
+        pool: &PgPool,
+        scope: &str,
+    ) -> Result<Option<i64>, sqlx::Error> {
+        let sql = format!(
+            "SELECT epoch FROM {} WHERE scope = $1",
+            self.schema.table("fence")
+        );
+        sqlx::query_scalar(&sql)
+            .bind(scope)
+            .fetch_optional(pool)
+            .await
+    }
+
     /// Takes the fence of `scope` for `holder`: with `Some(epoch)` sets it to that epoch (it must be newer
     /// than the stored one), with `None` increments it. Returns the epoch now held, or `None` when the
     /// stored epoch is already newer (another holder won).

@@ -3,6 +3,8 @@
 //! broker ([`kafka`]). Nothing here touches a shared system database or a non-loopback address.
 
 pub mod kafka;
+#[cfg(feature = "kube-api")]
+pub mod kube_api;
 pub mod pg;
 pub mod reaper;
 

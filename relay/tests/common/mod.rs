@@ -174,7 +174,19 @@ pub fn check_order(records: &[Record]) -> Ledger {
 
 /// The relay binary as a child process.
 pub fn spawn_binary(db_url: &str, brokers: &str, http_port: u16, extra: &[&str]) -> Child {
+    spawn_binary_with_env(db_url, brokers, http_port, extra, &[])
+}
+
+/// [`spawn_binary`] with extra environment variables.
+pub fn spawn_binary_with_env(
+    db_url: &str,
+    brokers: &str,
+    http_port: u16,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> Child {
     Command::new(env!("CARGO_BIN_EXE_outbox-relay"))
+        .envs(env.iter().copied())
         .args([
             "run",
             "--http-addr",

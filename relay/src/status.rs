@@ -1,0 +1,71 @@
+//! The leader's report into its `OutboxRelay` status: backlog, oldest pending age, leader and epoch. A JSON
+//! merge patch of the status subresource touches only these fields; the operator owns the conditions.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use kube::Api;
+use serde_json::json;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::Metrics;
+
+/// How often the leader reports (the operator promises at most 30 s old figures).
+pub const REPORT_EVERY: Duration = Duration::from_secs(15);
+
+/// The `outbox.dev/v1alpha1` OutboxRelay resource, without depending on the operator's types.
+pub fn outbox_relay_resource() -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("outbox.dev", "v1alpha1", "OutboxRelay"),
+        "outboxrelays",
+    )
+}
+
+/// The status fields this relay reports, from its metrics.
+pub fn status_patch(metrics: &Metrics, identity: &str) -> serde_json::Value {
+    json!({
+        "status": {
+            "leader": identity,
+            "leaseTransitions": metrics.lease_transitions.get(),
+            "backlog": metrics.pending.get(),
+            "oldestPendingAgeSeconds": metrics.oldest_pending_age_seconds.get(),
+        }
+    })
+}
+
+/// Patches the status of OutboxRelay `name` every [`REPORT_EVERY`] while this relay leads.
+pub fn spawn_reporter(
+    client: kube::Client,
+    namespace: &str,
+    name: String,
+    identity: String,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let api: Api<DynamicObject> = Api::namespaced_with(client, namespace, &outbox_relay_resource());
+    tokio::spawn(async move {
+        let mut failing = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(REPORT_EVERY) => {}
+            }
+            if metrics.is_leader.get() != 1 {
+                continue;
+            }
+            let patch = status_patch(&metrics, &identity);
+            match api
+                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                Ok(_) => failing = false,
+                Err(e) if !failing => {
+                    tracing::warn!("cannot report to OutboxRelay `{name}` status: {e}");
+                    failing = true;
+                }
+                Err(_) => {}
+            }
+        }
+    });
+}

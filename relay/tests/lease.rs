@@ -1,0 +1,270 @@
+//! Lease coordination against kube-fake-client: the Lease client's compare-and-swap, and two relay
+//! processes sharing one Lease (served over loopback HTTP) and one PostgreSQL — SIGKILL the leader.
+
+mod common;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use relay::coordinator::Coordinator;
+use relay::health::Health;
+use relay::kube_lease::{LeaseClient, LeaseCoordinator};
+use relay::lease::{Read, Timings, Write, Written};
+use relay::metrics::Metrics;
+use relay::store::StoreError;
+use test_support::kafka::mock_cluster;
+use test_support::kube_api::FakeApiServer;
+use test_support::{free_port, wait_for};
+use tokio_util::sync::CancellationToken;
+
+async fn fake_client() -> kube::Client {
+    kube_fake_client::ClientBuilder::new()
+        .build()
+        .await
+        .unwrap()
+}
+
+fn fast() -> Timings {
+    Timings {
+        lease_duration: Duration::from_secs(3),
+        renew_deadline: Duration::from_secs(2),
+        retry_period: Duration::from_millis(300),
+    }
+}
+
+#[tokio::test]
+async fn lease_writes_are_compare_and_swap() {
+    let client = fake_client().await;
+    let a = LeaseClient::new(client.clone(), "default", "relay", "a", Timings::default());
+    let b = LeaseClient::new(client.clone(), "default", "relay", "b", Timings::default());
+    assert_eq!(a.read().await, Read::Missing);
+    let Written::Ok(rv1) = a.write(&Write::Create { transitions: 0 }).await else {
+        panic!("create failed")
+    };
+    assert_eq!(
+        b.write(&Write::Create { transitions: 0 }).await,
+        Written::Conflict,
+        "a second create is a conflict"
+    );
+    let Written::Ok(rv2) = a
+        .write(&Write::Update {
+            resource_version: rv1.clone(),
+            transitions: 0,
+            takeover: false,
+        })
+        .await
+    else {
+        panic!("renew failed")
+    };
+    assert_ne!(rv1, rv2);
+    assert_eq!(
+        b.write(&Write::Update {
+            resource_version: rv1,
+            transitions: 1,
+            takeover: true
+        })
+        .await,
+        Written::Conflict,
+        "a write with a stale resourceVersion is refused"
+    );
+    let lease = Api::<Lease>::namespaced(client, "default")
+        .get("relay")
+        .await
+        .unwrap();
+    let spec = lease.spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("a"));
+    assert_eq!(spec.lease_duration_seconds, Some(15));
+    assert!(spec.renew_time.is_some());
+    // Release clears the holder only for the holder.
+    b.release().await;
+    assert!(matches!(b.read().await, Read::Found(r) if r.holder.as_deref() == Some("a")));
+    a.release().await;
+    assert!(matches!(a.read().await, Read::Found(r) if r.holder.is_none()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_coordinator_takes_the_epoch_above_a_fence_that_is_ahead_and_a_standby_waits() {
+    let db = migrated_db().await;
+    let store = relay::store::Store::new(outbox::SchemaName::default());
+    // A fence left at epoch 7 (e.g. by single mode before): the Lease epoch must go above it.
+    store
+        .take_fence(&db.pool, "default", "old", Some(7))
+        .await
+        .unwrap();
+    let client = fake_client().await;
+    let coordinator = |name: &str| {
+        LeaseCoordinator::new(
+            LeaseClient::new(client.clone(), "default", "relay", name, fast()),
+            db.pool.clone(),
+            store.clone(),
+            "default".into(),
+            Arc::new(Health::default()),
+            Arc::new(Metrics::new()),
+        )
+    };
+    let shutdown = CancellationToken::new();
+    let mut a = coordinator("a");
+    let lead = tokio::time::timeout(Duration::from_secs(20), a.acquire(&shutdown))
+        .await
+        .expect("acquires")
+        .unwrap()
+        .unwrap();
+    assert_eq!(lead.epoch, Some(8), "first epoch above the fence");
+    assert_eq!(
+        store.fence_epoch(&db.pool, "default").await.unwrap(),
+        Some(8)
+    );
+
+    let mut b = coordinator("b");
+    let standby = tokio::time::timeout(Duration::from_secs(2), b.acquire(&shutdown)).await;
+    assert!(standby.is_err(), "b waits while a renews");
+
+    a.release().await;
+    let lead_b = tokio::time::timeout(Duration::from_secs(5), b.acquire(&shutdown))
+        .await
+        .expect("b acquires at once after a released")
+        .unwrap()
+        .unwrap();
+    assert_eq!(lead_b.epoch, Some(9));
+    assert!(!lead_b.lost.is_cancelled());
+    b.release().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_lease_relays_sigkill_the_leader_the_standby_publishes_after_expiry_and_the_fence_rejects_the_old_epoch(
+) {
+    let db = migrated_db().await;
+    let mock = mock_cluster(1, &[(TOPIC, 4)]);
+    let api = FakeApiServer::start(fake_client().await).await.unwrap();
+    let kubeconfig = api.kubeconfig().to_str().unwrap().to_owned();
+    let env = [("KUBECONFIG", kubeconfig.as_str())];
+    let lease_args = |id: &'static str| {
+        vec![
+            "--coordination",
+            "lease",
+            "--lease-name",
+            "orders-relay",
+            "--lease-duration",
+            "3s",
+            "--renew-deadline",
+            "2s",
+            "--retry-period",
+            "250ms",
+            "--instance-id",
+            id,
+        ]
+    };
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = spawn_binary_with_env(
+        &db.url,
+        &mock.bootstrap_servers(),
+        port_a,
+        &lease_args("relay-a"),
+        &env,
+    );
+    wait_for("relay A leading", Duration::from_secs(30), || async {
+        http_get(port_a, "/readyz").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    let mut b = spawn_binary_with_env(
+        &db.url,
+        &mock.bootstrap_servers(),
+        port_b,
+        &lease_args("relay-b"),
+        &env,
+    );
+    let (_, body) = wait_for("relay B standing by", Duration::from_secs(30), || async {
+        http_get(port_b, "/readyz")
+            .await
+            .filter(|(s, b)| *s == 503 && b.contains("held by relay-a"))
+    })
+    .await;
+    assert!(body.contains("standby"), "{body}");
+    let (_, m) = http_get(port_a, "/metrics").await.unwrap();
+    assert_eq!(metric(&m, "outbox_relay_lease_is_leader"), 1.0);
+    let old_epoch = metric(&m, "outbox_relay_lease_transitions") as i64;
+    assert!(metric(&m, "outbox_relay_lease_write_seconds_count") >= 1.0);
+
+    // Events flow while A leads; SIGKILL A mid-stream.
+    insert_events(&db.pool, 20, 3_000, 0).await;
+    wait_for("A mid-stream", Duration::from_secs(30), || async {
+        (count(&db.pool, "outbox.events").await < 3_000).then_some(())
+    })
+    .await;
+    sigkill(&mut a);
+    let killed = Instant::now();
+    insert_events(&db.pool, 20, 1_000, 1_000).await;
+    let took_over = wait_for("B to lead", Duration::from_secs(30), || async {
+        let (_, m) = http_get(port_b, "/metrics").await?;
+        (metric(&m, "outbox_relay_lease_is_leader") == 1.0).then(|| killed.elapsed())
+    })
+    .await;
+    wait_for("B to drain the outbox", Duration::from_secs(60), || async {
+        (count(&db.pool, "outbox.events").await == 0).then_some(())
+    })
+    .await;
+    println!(
+        "lease failover (lease 3s, renew deadline 2s, retry 250ms): B leads {took_over:?} after SIGKILL of A"
+    );
+    // A renewed at most one retry period (250 ms) before the kill; B may take over only a full lease
+    // duration (3 s) after it saw that renewal: not before 2.75 s after the kill.
+    assert!(
+        took_over >= Duration::from_millis(2_750),
+        "B waited a full lease duration of its own observation ({took_over:?})"
+    );
+
+    let lease = Api::<Lease>::namespaced(api.client(), "default")
+        .get("orders-relay")
+        .await
+        .unwrap()
+        .spec
+        .unwrap();
+    assert_eq!(lease.holder_identity.as_deref(), Some("relay-b"));
+    let new_epoch = i64::from(lease.lease_transitions.unwrap());
+    assert!(new_epoch > old_epoch, "{new_epoch} > {old_epoch}");
+    let store = relay::store::Store::new(outbox::SchemaName::default());
+    assert_eq!(
+        store.fence_epoch(&db.pool, "default").await.unwrap(),
+        Some(new_epoch),
+        "B wrote its epoch to the fence"
+    );
+
+    // A deposed leader that resumes with the old epoch cannot commit a batch.
+    insert_events(&db.pool, 1, 1, 9_000).await;
+    let old = in_process(&db.pool, config(), kafka(mock.bootstrap_servers()));
+    match old.relay.run_batch(Some(old_epoch)).await {
+        Err(StoreError::Fenced(f)) => println!("old epoch refused: {f}"),
+        other => panic!("old epoch must be fenced, got {other:?}"),
+    }
+    sigkill(&mut b);
+
+    let ledger = check_order(&read(&mock.bootstrap_servers(), TOPIC));
+    assert_eq!(ledger.distinct, 4_000, "nothing lost across the failover");
+}
+
+#[tokio::test]
+async fn lease_timings_that_do_not_nest_exit_2_naming_the_flags() {
+    let mut child = spawn_binary(
+        "postgres://127.0.0.1:1/none",
+        "127.0.0.1:1",
+        free_port(),
+        &[
+            "--coordination",
+            "lease",
+            "--lease-duration",
+            "5s",
+            "--renew-deadline",
+            "5s",
+        ],
+    );
+    let status = child.wait().unwrap();
+    let err = stderr_of(&mut child);
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--lease-duration") && err.contains("must exceed the renew deadline"),
+        "{err}"
+    );
+}
