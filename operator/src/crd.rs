@@ -18,12 +18,8 @@ pub struct SecretKeyRef {
     #[x_kube(validation = Rule::new("self != ''").message("must not be empty"))]
     pub name: String,
     /// Key in the Secret.
-    #[serde(default = "default_url_key")]
+    #[x_kube(validation = Rule::new("self != ''").message("must not be empty"))]
     pub key: String,
-}
-
-fn default_url_key() -> String {
-    "url".into()
 }
 
 /// Where the outbox lives.
@@ -42,6 +38,22 @@ fn default_schema() -> String {
     "outbox".into()
 }
 
+/// Where a consumer group's inbox lives.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct InboxDatabaseSpec {
+    /// Secret key holding the `postgres://` URL (with credentials).
+    pub secret_ref: SecretKeyRef,
+    /// Inbox schema.
+    #[serde(default = "default_inbox_schema")]
+    #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
+    pub schema: String,
+}
+
+fn default_inbox_schema() -> String {
+    "inbox".into()
+}
+
 /// Kafka connection.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -49,9 +61,9 @@ pub struct KafkaSpec {
     /// Bootstrap servers, `host:port[,host:port]`.
     #[schemars(length(min = 3))]
     pub bootstrap: String,
-    /// Secret whose keys are librdkafka properties (SASL/TLS), e.g. `sasl.password`.
+    /// Secret key holding extra librdkafka properties for SASL/TLS, as `key=value,key=value`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub config_secret_ref: Option<String>,
+    pub config_secret_ref: Option<SecretKeyRef>,
 }
 
 /// How the relays of one outbox coordinate.
@@ -334,6 +346,10 @@ pub struct ConsumerGroupSpec {
     #[x_kube(validation = Rule::new("self == oldSelf").message("groupId is immutable"))]
     #[schemars(length(min = 1, max = 249))]
     pub group_id: String,
+    /// Kafka (topics are created there; the consumers connect to it).
+    pub kafka: KafkaSpec,
+    /// The database holding the inbox (and the handler's tables).
+    pub database: InboxDatabaseSpec,
     /// Topics.
     #[x_kube(validation = Rule::new("oldSelf.all(o, self.exists(t, t.name == o.name))").message("topics cannot be removed or renamed"))]
     #[x_kube(validation = Rule::new("oldSelf.all(o, self.all(t, t.name != o.name || t.partitions >= o.partitions))").message("partitions never decrease"))]

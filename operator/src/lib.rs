@@ -1,5 +1,13 @@
 //! The outbox operator: `OutboxRelay` and `ConsumerGroup` custom resources (group `outbox.dev`, version
-//! `v1alpha1`, category `outbox`). This part holds the CRD types and their generated YAML; the
-//! reconcilers build on them.
+//! `v1alpha1`, category `outbox`) become Deployments of relays and consumers, and Kafka topics.
+//!
+//! Layout: [`crd`] the types, [`plan`] and [`topics`] decide (pure), [`conditions`] computes kstatus,
+//! [`reconcile`] does the IO (server-side apply, topic admin, status), [`metrics`] counts, [`cli`] runs.
 
+pub mod cli;
+pub mod conditions;
 pub mod crd;
+pub mod metrics;
+pub mod plan;
+pub mod reconcile;
+pub mod topics;

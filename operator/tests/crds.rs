@@ -64,7 +64,7 @@ fn names_scale_subresource_and_columns() {
 
 fn relay(coordination: serde_json::Value) -> OutboxRelay {
     let spec: OutboxRelaySpec = serde_json::from_value(json!({
-        "database": {"secretRef": {"name": "orders-db"}},
+        "database": {"secretRef": {"name": "orders-db", "key": "url"}},
         "kafka": {"bootstrap": "kafka:9092"},
         "coordination": coordination,
     }))
@@ -97,6 +97,9 @@ fn group(group_id: &str, topics: &[(&str, i32)]) -> ConsumerGroup {
                         .unwrap()
                 })
                 .collect(),
+            kafka: serde_json::from_value(json!({"bootstrap": "kafka:9092"})).unwrap(),
+            database: serde_json::from_value(json!({"secretRef": {"name": "db", "key": "url"}}))
+                .unwrap(),
             replicas: 2,
             partition_policy: Default::default(),
             image: "demo-consumer:dev".into(),

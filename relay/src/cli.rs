@@ -175,6 +175,9 @@ struct RunArgs {
     /// mode, every 15 s).
     #[arg(long, env = "RELAY_STATUS_RESOURCE")]
     status_resource: Option<String>,
+    /// Report a healthy standby as ready on /readyz (Kubernetes: rolling updates need Ready standbys).
+    #[arg(long, env = "RELAY_STANDBY_READY", default_value_t = false, action = clap::ArgAction::Set)]
+    standby_ready: bool,
     /// How often a standby retries the advisory lock.
     #[arg(long, env = "RELAY_LOCK_RETRY", default_value = "2s", value_parser = humantime::parse_duration)]
     lock_retry: Duration,
@@ -358,7 +361,11 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
         format!("{host}-{}", std::process::id())
     });
     let shutdown = shutdown_signal();
-    let health = Arc::new(Health::default());
+    let health = Arc::new(if args.standby_ready {
+        Health::standby_ready()
+    } else {
+        Health::default()
+    });
     let metrics = Arc::new(Metrics::new());
     let addr = crate::http::serve(
         args.http_addr,

@@ -23,6 +23,7 @@ pub struct Health {
     database_up: AtomicBool,
     broker_up: AtomicBool,
     role: Mutex<Role>,
+    standby_ready: bool,
 }
 
 impl Default for Health {
@@ -31,6 +32,7 @@ impl Default for Health {
             database_up: AtomicBool::new(false),
             broker_up: AtomicBool::new(false),
             role: Mutex::new(Role::Starting),
+            standby_ready: false,
         }
     }
 }
@@ -49,6 +51,15 @@ pub struct Readiness {
 }
 
 impl Health {
+    /// Health whose readiness also counts a healthy standby as ready. Kubernetes needs that: a Deployment
+    /// whose standby never turns Ready never finishes a rolling update. The body still names the role.
+    pub fn standby_ready() -> Self {
+        Self {
+            standby_ready: true,
+            ..Self::default()
+        }
+    }
+
     /// Records the database's state.
     pub fn set_database(&self, up: bool) {
         self.database_up.store(up, Ordering::Relaxed);
@@ -70,7 +81,13 @@ impl Health {
         let broker = self.broker_up.load(Ordering::Relaxed);
         let role = self.role.lock().unwrap().clone();
         Readiness {
-            ready: database && broker && role == Role::Active,
+            ready: database
+                && broker
+                && match role {
+                    Role::Active => true,
+                    Role::Standby(_) => self.standby_ready,
+                    Role::Starting => false,
+                },
             database,
             broker,
             role,
@@ -101,5 +118,16 @@ mod tests {
             serde_json::to_value(&r).unwrap()["role"]["standby"],
             "lock held by pid 7"
         );
+        let k = Health::standby_ready();
+        k.set_database(true);
+        k.set_broker(true);
+        assert!(!k.readiness().ready, "starting is never ready");
+        k.set_role(Role::Standby("lease held by b".into()));
+        assert!(
+            k.readiness().ready,
+            "a healthy standby is ready in Kubernetes mode"
+        );
+        k.set_broker(false);
+        assert!(!k.readiness().ready);
     }
 }

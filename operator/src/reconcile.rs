@@ -1,0 +1,665 @@
+//! The reconcilers: plan (pure, [`crate::plan`], [`crate::topics`]) → server-side apply of the owned
+//! objects under one field manager → topics through [`TopicAdmin`] → status with kstatus conditions.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{Secret, Service, ServiceAccount};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use serde_json::json;
+
+use crate::conditions::{self, Health};
+use crate::crd::{ConsumerGroup, DeletionPolicy, KafkaSpec, OutboxRelay};
+use crate::metrics::{Backoff, FailureLabel, KindLabel, Metrics};
+use crate::plan::{self, Defaults, FIELD_MANAGER};
+use crate::topics::{plan_topics, AdminError, KafkaAdmin, TopicAdmin};
+
+/// Finalizer of ConsumerGroups with `deletionPolicy: Delete` topics.
+pub const TOPIC_FINALIZER: &str = "outbox.dev/delete-topics";
+
+/// Why a reconcile failed (requeued with backoff, counted by reason).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The Kubernetes API refused or failed.
+    #[error("Kubernetes API: {0}")]
+    Kube(#[from] kube::Error),
+    /// The broker refused or failed.
+    #[error("Kafka: {0}")]
+    Kafka(#[from] AdminError),
+    /// A referenced Secret is missing or unusable.
+    #[error("{0}")]
+    Secret(String),
+}
+
+impl Error {
+    /// The metrics label.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "KubeApi",
+            Error::Kafka(_) => "KafkaError",
+            Error::Secret(_) => "SecretError",
+        }
+    }
+}
+
+/// Makes a [`TopicAdmin`] for a bootstrap and librdkafka properties.
+pub type AdminFactory =
+    dyn Fn(&str, &[(String, String)]) -> Result<Arc<dyn TopicAdmin>, AdminError> + Send + Sync;
+
+/// What the reconcilers share.
+pub struct Context {
+    /// Kubernetes client.
+    pub client: kube::Client,
+    /// Operator-wide defaults (images).
+    pub defaults: Defaults,
+    /// Topic admin per Kafka cluster.
+    pub admins: Box<AdminFactory>,
+    /// Events.
+    pub recorder: Recorder,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// Per-object error backoff.
+    pub backoff: Backoff,
+    /// Requeue after a success (status refresh; the promise is "at most 30 s old").
+    pub refresh: Duration,
+}
+
+impl Context {
+    /// A context whose topic admins are librdkafka AdminClients, cached per cluster.
+    pub fn new(client: kube::Client, defaults: Defaults, metrics: Arc<Metrics>) -> Self {
+        let cache: Mutex<HashMap<String, Arc<dyn TopicAdmin>>> = Mutex::default();
+        let admins = move |bootstrap: &str, props: &[(String, String)]| {
+            let key = format!("{bootstrap}|{props:?}");
+            let mut c = cache.lock().unwrap();
+            if let Some(a) = c.get(&key) {
+                return Ok(a.clone());
+            }
+            let a: Arc<dyn TopicAdmin> = Arc::new(KafkaAdmin::new(bootstrap, props)?);
+            c.insert(key, a.clone());
+            Ok(a)
+        };
+        Self::with_admins(client, defaults, metrics, Box::new(admins))
+    }
+
+    /// A context with the given topic admin factory (tests pass an in-memory one).
+    pub fn with_admins(
+        client: kube::Client,
+        defaults: Defaults,
+        metrics: Arc<Metrics>,
+        admins: Box<AdminFactory>,
+    ) -> Self {
+        let reporter = kube::runtime::events::Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: std::env::var("POD_NAME").ok(),
+        };
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            defaults,
+            admins,
+            metrics,
+            backoff: Backoff::default(),
+            refresh: Duration::from_secs(30),
+        }
+    }
+
+    async fn event<K: Resource<DynamicType = ()>>(
+        &self,
+        obj: &K,
+        warning: bool,
+        reason: &str,
+        note: String,
+    ) {
+        let ev = Event {
+            type_: if warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: reason.into(),
+            note: Some(note),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        // An event that cannot be written must not fail the reconcile.
+        if let Err(e) = self.recorder.publish(&ev, &obj.object_ref(&())).await {
+            tracing::warn!("cannot publish event {reason}: {e}");
+        }
+    }
+}
+
+fn key<K: Resource<DynamicType = ()>>(obj: &K) -> String {
+    format!(
+        "{}/{}/{}",
+        K::kind(&()),
+        obj.namespace().unwrap_or_default(),
+        obj.name_any()
+    )
+}
+
+/// Runs `f`, counting it, timing it and keeping the per-object backoff.
+async fn instrumented<K, F>(obj: &K, ctx: &Context, f: F) -> Result<Action, Error>
+where
+    K: Resource<DynamicType = ()>,
+    F: std::future::Future<Output = Result<Action, Error>>,
+{
+    let kind = KindLabel {
+        kind: K::kind(&()).into_owned(),
+    };
+    let started = Instant::now();
+    let result = f.await;
+    ctx.metrics.reconciles.get_or_create(&kind).inc();
+    ctx.metrics
+        .duration
+        .get_or_create(&kind)
+        .observe(started.elapsed().as_secs_f64());
+    match &result {
+        Ok(_) => ctx.backoff.succeeded(&key(obj)),
+        Err(e) => {
+            ctx.metrics
+                .failures
+                .get_or_create(&FailureLabel {
+                    kind: kind.kind,
+                    reason: e.reason().into(),
+                })
+                .inc();
+        }
+    }
+    result
+}
+
+/// Requeue after a failure: exponential per object, reset by the next success.
+pub fn error_policy<K: Resource<DynamicType = ()>>(
+    obj: Arc<K>,
+    err: &Error,
+    ctx: Arc<Context>,
+) -> Action {
+    let delay = ctx.backoff.failed(&key(obj.as_ref()));
+    tracing::warn!(object = %key(obj.as_ref()), "reconcile failed: {err}; retrying in {delay:?}");
+    Action::requeue(delay)
+}
+
+async fn apply<K>(client: &kube::Client, ns: &str, obj: &K) -> Result<K, kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(obj),
+    )
+    .await
+}
+
+async fn delete_if_present<K>(
+    client: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    match api.delete(name, &DeleteParams::default()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+async fn patch_status<K>(
+    client: &kube::Client,
+    obj: &K,
+    status: serde_json::Value,
+) -> Result<(), kube::Error>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
+    api.patch_status(
+        &obj.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "status": status })),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Applies the Deployment and emits Created/Scaled events. Returns the applied object.
+async fn apply_deployment<K: Resource<DynamicType = ()>>(
+    ctx: &Context,
+    owner: &K,
+    ns: &str,
+    desired: &Deployment,
+) -> Result<Deployment, Error> {
+    let name = desired.metadata.name.clone().unwrap_or_default();
+    let before = Api::<Deployment>::namespaced(ctx.client.clone(), ns)
+        .get_opt(&name)
+        .await?;
+    let after = apply(&ctx.client, ns, desired).await?;
+    let want = desired.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    match before.and_then(|d| d.spec.and_then(|s| s.replicas)) {
+        None => {
+            ctx.event(
+                owner,
+                false,
+                "Created",
+                format!("created Deployment {name} with {want} replicas"),
+            )
+            .await
+        }
+        Some(had) if had != want => {
+            ctx.event(
+                owner,
+                false,
+                "Scaled",
+                format!("scaled Deployment {name} from {had} to {want} replicas"),
+            )
+            .await
+        }
+        Some(_) => {}
+    }
+    Ok(after)
+}
+
+fn rollout(dep: &Deployment, want: i32) -> Health {
+    let ready = dep
+        .status
+        .as_ref()
+        .and_then(|s| s.ready_replicas)
+        .unwrap_or(0);
+    if ready >= want {
+        Health::Ready
+    } else {
+        Health::Progressing {
+            message: format!("{ready}/{want} pods ready"),
+        }
+    }
+}
+
+fn previous_conditions(status: Option<&[Condition]>) -> Vec<Condition> {
+    status.map(|c| c.to_vec()).unwrap_or_default()
+}
+
+/// Reconciles one OutboxRelay.
+pub async fn reconcile_relay(obr: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
+    instrumented(obr.as_ref(), &ctx, relay_inner(&obr, &ctx)).await
+}
+
+async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
+    let ns = obr.namespace().unwrap_or_default();
+    let generation = obr.metadata.generation;
+    let previous = previous_conditions(obr.status.as_ref().map(|s| s.conditions.as_slice()));
+    let now = Timestamp::now();
+    if plan::is_paused(obr) {
+        let c = conditions::paused(&previous, generation, now);
+        patch_status(&ctx.client, obr, json!({ "conditions": c })).await?;
+        return Ok(Action::await_change());
+    }
+    let children = match plan::desired_relay(obr, &ctx.defaults) {
+        Ok(c) => c,
+        Err(e) => {
+            let h = Health::Stalled {
+                reason: "InvalidSpec".into(),
+                message: e.to_string(),
+            };
+            let c = conditions::compute(&previous, &h, generation, now);
+            patch_status(
+                &ctx.client,
+                obr,
+                json!({ "conditions": c, "observedGeneration": generation }),
+            )
+            .await?;
+            ctx.event(obr, true, "InvalidSpec", e.to_string()).await;
+            return Ok(Action::await_change());
+        }
+    };
+    apply(&ctx.client, &ns, &children.service_account).await?;
+    apply(&ctx.client, &ns, &children.role).await?;
+    apply(&ctx.client, &ns, &children.role_binding).await?;
+    let dep = apply_deployment(ctx, obr, &ns, &children.deployment).await?;
+    apply(&ctx.client, &ns, &children.service).await?;
+    let child = plan::relay_child_name(obr);
+    match &children.pdb {
+        Some(p) => drop(apply(&ctx.client, &ns, p).await?),
+        None => delete_if_present::<PodDisruptionBudget>(&ctx.client, &ns, &child).await?,
+    }
+    let lease = Api::<Lease>::namespaced(ctx.client.clone(), &ns)
+        .get_opt(&child)
+        .await?
+        .and_then(|l| l.spec);
+    let health = rollout(&dep, obr.spec.replicas);
+    let c = conditions::compute(&previous, &health, generation, now);
+    let mut status = json!({ "conditions": c, "observedGeneration": generation });
+    if let Some(l) = lease {
+        status["leader"] = json!(l.holder_identity);
+        status["leaseTransitions"] = json!(l.lease_transitions);
+    }
+    patch_status(&ctx.client, obr, status).await?;
+    Ok(Action::requeue(ctx.refresh))
+}
+
+/// librdkafka properties from the Secret key `kafka.configSecretRef` (`k=v,k=v`).
+async fn kafka_props(
+    client: &kube::Client,
+    ns: &str,
+    kafka: &KafkaSpec,
+) -> Result<Vec<(String, String)>, Error> {
+    let Some(r) = &kafka.config_secret_ref else {
+        return Ok(vec![]);
+    };
+    let secret = Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(&r.name)
+        .await?
+        .ok_or_else(|| {
+            Error::Secret(format!(
+                "spec.kafka.configSecretRef: Secret `{}` not found",
+                r.name
+            ))
+        })?;
+    let raw = secret
+        .data
+        .and_then(|d| d.get(&r.key).cloned())
+        .ok_or_else(|| {
+            Error::Secret(format!(
+                "spec.kafka.configSecretRef: Secret `{}` has no key `{}`",
+                r.name, r.key
+            ))
+        })?;
+    let text = String::from_utf8(raw.0).map_err(|_| {
+        Error::Secret(format!(
+            "spec.kafka.configSecretRef: key `{}` is not UTF-8",
+            r.key
+        ))
+    })?;
+    text.split(',')
+        .filter(|p| !p.trim().is_empty())
+        .map(|p| {
+            p.split_once('=')
+                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                .ok_or_else(|| {
+                    Error::Secret(format!(
+                        "spec.kafka.configSecretRef: `{p}` is not key=value"
+                    ))
+                })
+        })
+        .collect()
+}
+
+/// Reconciles one ConsumerGroup.
+pub async fn reconcile_consumer(
+    cg: Arc<ConsumerGroup>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
+    instrumented(cg.as_ref(), &ctx, consumer_inner(&cg, &ctx)).await
+}
+
+fn wants_finalizer(cg: &ConsumerGroup) -> bool {
+    cg.spec
+        .topics
+        .iter()
+        .any(|t| t.deletion_policy == DeletionPolicy::Delete)
+}
+
+async fn set_finalizer(ctx: &Context, cg: &ConsumerGroup, present: bool) -> Result<(), Error> {
+    let mut f: Vec<String> = cg
+        .finalizers()
+        .iter()
+        .filter(|f| *f != TOPIC_FINALIZER)
+        .cloned()
+        .collect();
+    if present {
+        f.push(TOPIC_FINALIZER.into());
+    }
+    let api: Api<ConsumerGroup> =
+        Api::namespaced(ctx.client.clone(), &cg.namespace().unwrap_or_default());
+    // The resourceVersion makes this a compare-and-swap: a concurrent change to the list is not lost.
+    let patch =
+        json!({ "metadata": { "finalizers": f, "resourceVersion": cg.resource_version() } });
+    api.patch(
+        &cg.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn stalled(
+    ctx: &Context,
+    cg: &ConsumerGroup,
+    previous: &[Condition],
+    reason: &str,
+    message: String,
+) -> Result<(), Error> {
+    let h = Health::Stalled {
+        reason: reason.into(),
+        message,
+    };
+    let c = conditions::compute(previous, &h, cg.metadata.generation, Timestamp::now());
+    patch_status(
+        &ctx.client,
+        cg,
+        json!({ "conditions": c, "observedGeneration": cg.metadata.generation }),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<Action, Error> {
+    let ns = cg.namespace().unwrap_or_default();
+    let generation = cg.metadata.generation;
+    let previous = previous_conditions(cg.status.as_ref().map(|s| s.conditions.as_slice()));
+    let has_finalizer = cg.finalizers().iter().any(|f| f == TOPIC_FINALIZER);
+    if cg.metadata.deletion_timestamp.is_some() {
+        if has_finalizer {
+            let props = kafka_props(&ctx.client, &ns, &cg.spec.kafka).await?;
+            let admin = (ctx.admins)(&cg.spec.kafka.bootstrap, &props)?;
+            for t in cg
+                .spec
+                .topics
+                .iter()
+                .filter(|t| t.deletion_policy == DeletionPolicy::Delete)
+            {
+                admin.delete(&t.name).await?;
+                ctx.event(
+                    cg,
+                    false,
+                    "TopicDeleted",
+                    format!("deleted topic {} (deletionPolicy: Delete)", t.name),
+                )
+                .await;
+            }
+            set_finalizer(ctx, cg, false).await?;
+        }
+        return Ok(Action::await_change());
+    }
+    if plan::is_paused(cg) {
+        let c = conditions::paused(&previous, generation, Timestamp::now());
+        patch_status(&ctx.client, cg, json!({ "conditions": c })).await?;
+        return Ok(Action::await_change());
+    }
+    if let Err(e) = plan::validate_consumer(cg) {
+        stalled(ctx, cg, &previous, "InvalidSpec", e.to_string()).await?;
+        ctx.event(cg, true, "InvalidSpec", e.to_string()).await;
+        return Ok(Action::await_change());
+    }
+    if wants_finalizer(cg) != has_finalizer {
+        set_finalizer(ctx, cg, !has_finalizer).await?;
+    }
+
+    let props = match kafka_props(&ctx.client, &ns, &cg.spec.kafka).await {
+        Ok(p) => p,
+        Err(e) => {
+            stalled(ctx, cg, &previous, "SecretError", e.to_string()).await?;
+            return Err(e);
+        }
+    };
+    let names: Vec<String> = cg.spec.topics.iter().map(|t| t.name.clone()).collect();
+    let topic_result = async {
+        let admin = (ctx.admins)(&cg.spec.kafka.bootstrap, &props)?;
+        let observed = admin.describe(&names).await?;
+        let plan = plan_topics(&cg.spec, &observed);
+        for t in &plan.create {
+            admin.create(t).await?;
+            ctx.event(
+                cg,
+                false,
+                "TopicCreated",
+                format!("created topic {} with {} partitions", t.name, t.partitions),
+            )
+            .await;
+        }
+        for (name, from, to) in &plan.grow {
+            admin.grow(name, *to).await?;
+            ctx.event(
+                cg,
+                false,
+                "PartitionsIncreased",
+                format!("topic {name}: partitions {from} → {to}"),
+            )
+            .await;
+        }
+        Ok::<_, AdminError>((admin, plan))
+    }
+    .await;
+    let (admin, plan) = match topic_result {
+        Ok(x) => x,
+        Err(e) => {
+            stalled(ctx, cg, &previous, "KafkaError", e.to_string()).await?;
+            ctx.event(cg, true, "KafkaError", e.to_string()).await;
+            return Err(e.into());
+        }
+    };
+    for r in &plan.refused {
+        ctx.event(cg, true, "PartitionsRefused", r.to_string())
+            .await;
+    }
+    if let Some((requested, cap)) = plan.capped {
+        ctx.event(
+            cg,
+            true,
+            "ScaleCapped",
+            format!("{requested} replicas requested but the topics have at most {cap} partitions; running {cap} (partitionPolicy: Cap)"),
+        )
+        .await;
+    }
+
+    let children = plan::desired_consumer(cg, plan.effective_replicas)
+        .map_err(|e| Error::Secret(e.to_string()))?;
+    let dep = apply_deployment(ctx, cg, &ns, &children.deployment).await?;
+    apply(&ctx.client, &ns, &children.service).await?;
+    match &children.pdb {
+        Some(p) => drop(apply(&ctx.client, &ns, p).await?),
+        None => {
+            delete_if_present::<PodDisruptionBudget>(
+                &ctx.client,
+                &ns,
+                &plan::consumer_child_name(cg),
+            )
+            .await?
+        }
+    }
+    let lag = match admin.lag(&cg.spec.group_id, &names).await {
+        Ok(l) => Some(l),
+        Err(e) => {
+            tracing::warn!(group = %cg.spec.group_id, "cannot read lag: {e}");
+            None
+        }
+    };
+    let health = if plan.refused.is_empty() {
+        rollout(&dep, plan.effective_replicas)
+    } else {
+        Health::Stalled {
+            reason: "NotSupported".into(),
+            message: plan
+                .refused
+                .iter()
+                .map(|r| r.to_string())
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    };
+    let c = conditions::compute(&previous, &health, generation, Timestamp::now());
+    let dep_status = dep.status.unwrap_or_default();
+    let selector = plan::selector_string(&plan::selector_labels("consumer", &cg.name_any()));
+    let partitions: BTreeMap<String, i32> = plan.partitions.clone();
+    patch_status(
+        &ctx.client,
+        cg,
+        json!({
+            "conditions": c,
+            "observedGeneration": generation,
+            "replicas": dep_status.replicas.unwrap_or(0),
+            "readyReplicas": dep_status.ready_replicas.unwrap_or(0),
+            "selector": selector,
+            "partitions": partitions,
+            "totalPartitions": partitions.values().sum::<i32>(),
+            "lag": lag,
+        }),
+    )
+    .await?;
+    Ok(Action::requeue(ctx.refresh))
+}
+
+/// Runs both controllers until SIGTERM/SIGINT. `namespace`: watch one namespace, or all.
+pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
+    use futures::StreamExt;
+    use kube::runtime::{watcher, Controller};
+    fn api<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + std::fmt::Debug,
+    {
+        match ns {
+            Some(n) => Api::namespaced(client.clone(), n),
+            None => Api::all(client.clone()),
+        }
+    }
+    let c = &ctx.client;
+    let cfg = watcher::Config::default;
+    let relays = Controller::new(api::<OutboxRelay>(c, &namespace), cfg())
+        .owns(api::<Deployment>(c, &namespace), cfg())
+        .owns(api::<Service>(c, &namespace), cfg())
+        .owns(api::<ServiceAccount>(c, &namespace), cfg())
+        .owns(api::<Role>(c, &namespace), cfg())
+        .owns(api::<RoleBinding>(c, &namespace), cfg())
+        .owns(api::<PodDisruptionBudget>(c, &namespace), cfg())
+        .shutdown_on_signal()
+        .run(reconcile_relay, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    let groups = Controller::new(api::<ConsumerGroup>(c, &namespace), cfg())
+        .owns(api::<Deployment>(c, &namespace), cfg())
+        .owns(api::<Service>(c, &namespace), cfg())
+        .owns(api::<PodDisruptionBudget>(c, &namespace), cfg())
+        .shutdown_on_signal()
+        .run(reconcile_consumer, error_policy, ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+    futures::join!(relays, groups);
+}
