@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 pub const GROUP: &str = "outbox.dev";
 
 /// A key of a Secret in the resource's namespace.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Secret name.
@@ -23,7 +23,7 @@ pub struct SecretKeyRef {
 }
 
 /// Where the outbox lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct DatabaseSpec {
     /// Secret key holding the `postgres://` URL (with credentials).
@@ -39,7 +39,7 @@ fn default_schema() -> String {
 }
 
 /// Where a consumer group's inbox lives.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct InboxDatabaseSpec {
     /// Secret key holding the `postgres://` URL (with credentials).
@@ -55,7 +55,7 @@ fn default_inbox_schema() -> String {
 }
 
 /// Kafka connection.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct KafkaSpec {
     /// Bootstrap servers, `host:port[,host:port]`.
@@ -151,14 +151,16 @@ pub enum Retention {
     Archive,
 }
 
-/// A relay for one outbox: claim → produce → settle.
+/// A relay for one outbox: claim → produce → settle. (`Default` exists for test fakes only; an empty spec
+/// fails the schema.)
 // Several `printcolumn(...)` entries share keys on purpose; clippy reads them as duplicates.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[derive(CustomResource, Debug, Default, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "outbox.dev",
     version = "v1alpha1",
     kind = "OutboxRelay",
+    derive = "Default",
     namespaced,
     shortname = "obr",
     category = "outbox",
@@ -310,11 +312,12 @@ fn one() -> i32 {
 /// A consumer group: a Deployment of the consumer image, its topics and partitions.
 // Several `printcolumn(...)` entries share keys on purpose; clippy reads them as duplicates.
 #[allow(clippy::duplicated_attributes)]
-#[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[derive(CustomResource, Debug, Default, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
 #[kube(
     group = "outbox.dev",
     version = "v1alpha1",
     kind = "ConsumerGroup",
+    derive = "Default",
     namespaced,
     shortname = "cg",
     category = "outbox",

@@ -192,10 +192,11 @@ impl KafkaAdmin {
     }
 }
 
-fn one_result<T>(
-    r: Result<Vec<Result<T, (String, RDKafkaErrorCode)>>, rdkafka::error::KafkaError>,
-    ok_codes: &[RDKafkaErrorCode],
-) -> Result<(), AdminError> {
+/// What librdkafka's admin calls return: a result per topic inside a request result.
+type AdminResults<T> =
+    Result<Vec<Result<T, (String, RDKafkaErrorCode)>>, rdkafka::error::KafkaError>;
+
+fn one_result<T>(r: AdminResults<T>, ok_codes: &[RDKafkaErrorCode]) -> Result<(), AdminError> {
     let results = r.map_err(|e| AdminError(e.to_string()))?;
     for r in results {
         if let Err((name, code)) = r {

@@ -1,0 +1,763 @@
+//! Stateful reconcile tests on kube-fake-client (resourceVersion conflicts, status subresource,
+//! server-side apply) with the in-memory topic admin.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::events::v1::Event;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use kube::api::{Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::{Api, Resource, ResourceExt};
+use kube_fake_client::{interceptor, ClientBuilder};
+use operator::crd::{ConsumerGroup, OutboxRelay};
+use operator::metrics::Metrics;
+use operator::plan::Defaults;
+use operator::reconcile::{
+    error_policy, reconcile_consumer, reconcile_relay, Context, TOPIC_FINALIZER,
+};
+use operator::topics::{MemoryAdmin, TopicAdmin};
+use serde_json::json;
+
+const NS: &str = "shop";
+
+fn relay(name: &str, extra: serde_json::Value) -> OutboxRelay {
+    let mut spec = json!({
+        "database": {"secretRef": {"name": "orders-db", "key": "url"}},
+        "kafka": {"bootstrap": "kafka:9092"},
+        "replicas": 2,
+    });
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let mut cr = OutboxRelay::new(name, serde_json::from_value(spec).unwrap());
+    cr.metadata.namespace = Some(NS.into());
+    cr
+}
+
+fn group(name: &str, extra: serde_json::Value) -> ConsumerGroup {
+    let mut spec = json!({
+        "groupId": name, "image": "demo-consumer:1", "replicas": 2,
+        "kafka": {"bootstrap": "kafka:9092"},
+        "database": {"secretRef": {"name": "orders-db", "key": "url"}},
+        "topics": [{"name": "orders", "partitions": 6}],
+    });
+    spec.as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
+    let mut cr = ConsumerGroup::new(name, serde_json::from_value(spec).unwrap());
+    cr.metadata.namespace = Some(NS.into());
+    cr
+}
+
+struct Harness {
+    client: kube::Client,
+    ctx: Arc<Context>,
+    admin: Arc<MemoryAdmin>,
+}
+
+async fn harness(builder: ClientBuilder) -> Harness {
+    let client = builder
+        .with_resource::<OutboxRelay>()
+        .with_resource::<ConsumerGroup>()
+        .with_status_subresource::<OutboxRelay>()
+        .with_status_subresource::<ConsumerGroup>()
+        .with_status_subresource::<Deployment>()
+        .build()
+        .await
+        .unwrap();
+    let admin = Arc::new(MemoryAdmin::default());
+    let a = admin.clone();
+    let ctx = Context::with_admins(
+        client.clone(),
+        Defaults {
+            relay_image: "outbox-relay:test".into(),
+        },
+        Arc::new(Metrics::default()),
+        Box::new(move |_, _| Ok(a.clone() as Arc<dyn TopicAdmin>)),
+    );
+    Harness {
+        client,
+        ctx: Arc::new(ctx),
+        admin,
+    }
+}
+
+impl Harness {
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        Api::namespaced(self.client.clone(), NS)
+    }
+
+    async fn create_relay(&self, cr: &OutboxRelay) -> Arc<OutboxRelay> {
+        Arc::new(
+            self.api::<OutboxRelay>()
+                .create(&Default::default(), cr)
+                .await
+                .unwrap(),
+        )
+    }
+
+    async fn create_group(&self, cr: &ConsumerGroup) -> Arc<ConsumerGroup> {
+        Arc::new(
+            self.api::<ConsumerGroup>()
+                .create(&Default::default(), cr)
+                .await
+                .unwrap(),
+        )
+    }
+
+    async fn relay(&self, name: &str) -> Arc<OutboxRelay> {
+        Arc::new(self.api::<OutboxRelay>().get(name).await.unwrap())
+    }
+
+    async fn group(&self, name: &str) -> Arc<ConsumerGroup> {
+        Arc::new(self.api::<ConsumerGroup>().get(name).await.unwrap())
+    }
+
+    async fn reconcile_relay(&self, name: &str) -> Action {
+        reconcile_relay(self.relay(name).await, self.ctx.clone())
+            .await
+            .unwrap()
+    }
+
+    async fn reconcile_group(&self, name: &str) -> Action {
+        reconcile_consumer(self.group(name).await, self.ctx.clone())
+            .await
+            .unwrap()
+    }
+
+    /// What the Deployment controller would report.
+    async fn set_ready(&self, deployment: &str, replicas: i32, ready: i32) {
+        self.api::<Deployment>()
+            .patch_status(
+                deployment,
+                &PatchParams::default(),
+                &Patch::Merge(json!({"status": {"replicas": replicas, "readyReplicas": ready}})),
+            )
+            .await
+            .unwrap();
+    }
+
+    async fn events(&self) -> Vec<(String, String)> {
+        self.api::<Event>()
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .map(|e| (e.reason.unwrap_or_default(), e.note.unwrap_or_default()))
+            .collect()
+    }
+
+    fn metrics(&self) -> String {
+        self.ctx.metrics.render()
+    }
+}
+
+fn condition<'a>(
+    conditions: &'a [k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+fn owned_by(meta: &kube::api::ObjectMeta, owner: &impl Resource) -> bool {
+    meta.owner_references.as_ref().is_some_and(|o| {
+        o.iter()
+            .any(|r| Some(&r.uid) == owner.meta().uid.as_ref() && r.controller == Some(true))
+    })
+}
+
+#[tokio::test]
+async fn a_relay_gets_its_children_with_owner_refs_and_a_status() {
+    let h = harness(ClientBuilder::new()).await;
+    let cr = h.create_relay(&relay("orders", json!({}))).await;
+    let action = h.reconcile_relay("orders").await;
+    assert_eq!(
+        action,
+        Action::requeue(Duration::from_secs(30)),
+        "status refresh"
+    );
+
+    let dep = h.api::<Deployment>().get("orders-relay").await.unwrap();
+    assert!(owned_by(&dep.metadata, cr.as_ref()));
+    assert_eq!(dep.spec.as_ref().unwrap().replicas, Some(2));
+    assert!(owned_by(
+        &h.api::<ServiceAccount>()
+            .get("orders-relay")
+            .await
+            .unwrap()
+            .metadata,
+        cr.as_ref()
+    ));
+    assert!(owned_by(
+        &h.api::<Role>().get("orders-relay").await.unwrap().metadata,
+        cr.as_ref()
+    ));
+    assert!(owned_by(
+        &h.api::<RoleBinding>()
+            .get("orders-relay")
+            .await
+            .unwrap()
+            .metadata,
+        cr.as_ref()
+    ));
+    assert!(owned_by(
+        &h.api::<Service>()
+            .get("orders-relay")
+            .await
+            .unwrap()
+            .metadata,
+        cr.as_ref()
+    ));
+    assert!(owned_by(
+        &h.api::<PodDisruptionBudget>()
+            .get("orders-relay")
+            .await
+            .unwrap()
+            .metadata,
+        cr.as_ref()
+    ));
+
+    let st = h.relay("orders").await.status.clone().unwrap();
+    assert_eq!(st.observed_generation, cr.metadata.generation);
+    let ready = condition(&st.conditions, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.message.as_str()),
+        ("False", "0/2 pods ready")
+    );
+    assert_eq!(
+        condition(&st.conditions, "Reconciling").unwrap().status,
+        "True"
+    );
+    assert!(h
+        .events()
+        .await
+        .iter()
+        .any(|(r, n)| r == "Created" && n.contains("orders-relay with 2 replicas")));
+
+    // Pods come up and a relay holds the Lease: Ready, leader and epoch in the status.
+    h.set_ready("orders-relay", 2, 2).await;
+    let lease: k8s_openapi::api::coordination::v1::Lease = serde_json::from_value(json!({
+        "metadata": {"name": "orders-relay", "namespace": NS},
+        "spec": {"holderIdentity": "orders-relay-abc", "leaseTransitions": 4}
+    }))
+    .unwrap();
+    h.api::<k8s_openapi::api::coordination::v1::Lease>()
+        .create(&Default::default(), &lease)
+        .await
+        .unwrap();
+    h.reconcile_relay("orders").await;
+    let st = h.relay("orders").await.status.clone().unwrap();
+    assert_eq!(condition(&st.conditions, "Ready").unwrap().status, "True");
+    assert!(condition(&st.conditions, "Reconciling").is_none());
+    assert_eq!(st.leader.as_deref(), Some("orders-relay-abc"));
+    assert_eq!(st.lease_transitions, Some(4));
+    assert!(h
+        .metrics()
+        .contains("outbox_operator_reconciles_total{kind=\"OutboxRelay\"} 2"));
+}
+
+#[tokio::test]
+async fn reconciling_twice_changes_nothing() {
+    let h = harness(ClientBuilder::new()).await;
+    h.create_relay(&relay("orders", json!({}))).await;
+    h.create_group(&group("pharmacy", json!({}))).await;
+    h.reconcile_relay("orders").await;
+    h.reconcile_group("pharmacy").await;
+    // kube-fake-client bumps resourceVersion and generation on every write, even a no-op apply (a real
+    // API server does not): compare the objects without them.
+    fn content<K: serde::Serialize>(obj: K) -> serde_json::Value {
+        let mut v = serde_json::to_value(obj).unwrap();
+        if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+            for k in ["resourceVersion", "generation", "managedFields"] {
+                m.remove(k);
+            }
+        }
+        v
+    }
+    let versions = || async {
+        (
+            content(h.api::<Deployment>().get("orders-relay").await.unwrap()),
+            content(h.api::<Service>().get("orders-relay").await.unwrap()),
+            content(h.api::<Role>().get("orders-relay").await.unwrap()),
+            content(
+                h.api::<Deployment>()
+                    .get("pharmacy-consumer")
+                    .await
+                    .unwrap(),
+            ),
+            content(
+                h.api::<PodDisruptionBudget>()
+                    .get("pharmacy-consumer")
+                    .await
+                    .unwrap(),
+            ),
+        )
+    };
+    let before = versions().await;
+    let events = h.events().await.len();
+    let topics = h.admin.state().log.clone();
+    h.reconcile_relay("orders").await;
+    h.reconcile_group("pharmacy").await;
+    assert_eq!(
+        versions().await,
+        before,
+        "a second apply of the same objects changes nothing"
+    );
+    assert_eq!(h.events().await.len(), events, "no new events");
+    assert_eq!(h.admin.state().log, topics, "no topic changes");
+}
+
+#[tokio::test]
+async fn spec_changes_update_children_and_drift_is_repaired() {
+    let h = harness(ClientBuilder::new()).await;
+    h.create_relay(&relay("orders", json!({}))).await;
+    h.reconcile_relay("orders").await;
+
+    // Someone edits the Deployment by hand: the next reconcile puts the spec's values back.
+    h.api::<Deployment>()
+        .patch(
+            "orders-relay",
+            &PatchParams::apply("kubectl-edit").force(),
+            &Patch::Apply(json!({
+                "apiVersion": "apps/v1", "kind": "Deployment",
+                "metadata": {"name": "orders-relay"},
+                "spec": {"replicas": 7}
+            })),
+        )
+        .await
+        .unwrap();
+    h.reconcile_relay("orders").await;
+    let dep = h.api::<Deployment>().get("orders-relay").await.unwrap();
+    assert_eq!(dep.spec.unwrap().replicas, Some(2), "drift repaired");
+
+    // The spec changes: one replica (no PDB any more), another batch size.
+    let mut cr = (*h.relay("orders").await).clone();
+    cr.spec.replicas = 1;
+    cr.spec.batch_size = 250;
+    h.api::<OutboxRelay>()
+        .replace("orders", &Default::default(), &cr)
+        .await
+        .unwrap();
+    h.reconcile_relay("orders").await;
+    let dep = h.api::<Deployment>().get("orders-relay").await.unwrap();
+    let spec = dep.spec.unwrap();
+    assert_eq!(spec.replicas, Some(1));
+    let env = spec.template.spec.unwrap().containers[0]
+        .env
+        .clone()
+        .unwrap();
+    assert!(env
+        .iter()
+        .any(|e| e.name == "RELAY_BATCH_SIZE" && e.value.as_deref() == Some("250")));
+    assert!(
+        h.api::<PodDisruptionBudget>()
+            .get_opt("orders-relay")
+            .await
+            .unwrap()
+            .is_none(),
+        "PDB removed at 1 replica"
+    );
+    // Events of one reason form a series (kube-runtime's recorder): the first note stays, the count grows.
+    let events = h.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "Scaled" && n.contains("from 7 to 2")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn a_paused_object_is_left_alone_and_says_so() {
+    let h = harness(ClientBuilder::new()).await;
+    h.create_group(&group("pharmacy", json!({}))).await;
+    h.reconcile_group("pharmacy").await;
+    h.api::<ConsumerGroup>()
+        .patch(
+            "pharmacy",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"outbox.dev/paused": "true"}}, "spec": {"replicas": 5}})),
+        )
+        .await
+        .unwrap();
+    let action = h.reconcile_group("pharmacy").await;
+    assert_eq!(action, Action::await_change());
+    let dep = h
+        .api::<Deployment>()
+        .get("pharmacy-consumer")
+        .await
+        .unwrap();
+    assert_eq!(
+        dep.spec.unwrap().replicas,
+        Some(2),
+        "not reconciled while paused"
+    );
+    let st = h.group("pharmacy").await.status.clone().unwrap();
+    let paused = condition(&st.conditions, "Paused").unwrap();
+    assert_eq!(paused.status, "True");
+    assert!(paused.message.contains("outbox.dev/paused"));
+
+    h.api::<ConsumerGroup>()
+        .patch(
+            "pharmacy",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"outbox.dev/paused": null}}})),
+        )
+        .await
+        .unwrap();
+    h.reconcile_group("pharmacy").await;
+    let dep = h
+        .api::<Deployment>()
+        .get("pharmacy-consumer")
+        .await
+        .unwrap();
+    assert_eq!(dep.spec.unwrap().replicas, Some(5), "resumed");
+    assert!(condition(
+        &h.group("pharmacy").await.status.clone().unwrap().conditions,
+        "Paused"
+    )
+    .is_none());
+}
+
+#[tokio::test]
+async fn a_group_creates_topics_runs_pods_and_reports_scale_status() {
+    let h = harness(ClientBuilder::new()).await;
+    h.admin.with(|s| {
+        s.lag.insert("pharmacy".into(), 42);
+    });
+    let cr = h
+        .create_group(&group(
+            "pharmacy",
+            json!({"env": [{"name": "DEMO_ROLE", "value": "pharmacy"}]}),
+        ))
+        .await;
+    h.reconcile_group("pharmacy").await;
+    assert_eq!(h.admin.state().log, ["create orders 6"]);
+    let dep = h
+        .api::<Deployment>()
+        .get("pharmacy-consumer")
+        .await
+        .unwrap();
+    assert!(owned_by(&dep.metadata, cr.as_ref()));
+    h.set_ready("pharmacy-consumer", 2, 2).await;
+    h.reconcile_group("pharmacy").await;
+    let st = h.group("pharmacy").await.status.clone().unwrap();
+    assert_eq!(st.replicas, 2);
+    assert_eq!(st.ready_replicas, 2);
+    assert_eq!(
+        st.selector,
+        "app.kubernetes.io/instance=pharmacy,app.kubernetes.io/name=outbox-consumer"
+    );
+    assert_eq!(st.partitions.get("orders"), Some(&6));
+    assert_eq!(st.total_partitions, 6);
+    assert_eq!(st.lag, Some(42));
+    assert_eq!(condition(&st.conditions, "Ready").unwrap().status, "True");
+    let events = h.events().await;
+    assert!(
+        events
+            .iter()
+            .any(|(r, n)| r == "TopicCreated" && n.contains("orders with 6 partitions")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test]
+async fn more_replicas_than_partitions_are_capped_or_grow_the_topic() {
+    let h = harness(ClientBuilder::new()).await;
+    h.create_group(&group("pharmacy", json!({"replicas": 9})))
+        .await;
+    h.reconcile_group("pharmacy").await;
+    let dep = h
+        .api::<Deployment>()
+        .get("pharmacy-consumer")
+        .await
+        .unwrap();
+    assert_eq!(
+        dep.spec.unwrap().replicas,
+        Some(6),
+        "Cap: effective replicas = partitions"
+    );
+    assert!(h
+        .events()
+        .await
+        .iter()
+        .any(|(r, n)| r == "ScaleCapped" && n.contains("9 replicas requested")));
+
+    h.create_group(&group(
+        "billing",
+        json!({"replicas": 9, "partitionPolicy": "GrowPartitions",
+        "topics": [{"name": "invoices", "partitions": 3}]}),
+    ))
+    .await;
+    h.reconcile_group("billing").await;
+    assert_eq!(
+        h.admin.state().topics["invoices"].0,
+        9,
+        "created with max(partitions, replicas)"
+    );
+    // Scale up further: the topic grows, never shrinks.
+    h.api::<ConsumerGroup>()
+        .patch(
+            "billing",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 12}})),
+        )
+        .await
+        .unwrap();
+    h.reconcile_group("billing").await;
+    assert!(h
+        .admin
+        .state()
+        .log
+        .contains(&"grow invoices 12".to_string()));
+    let dep = h.api::<Deployment>().get("billing-consumer").await.unwrap();
+    assert_eq!(dep.spec.unwrap().replicas, Some(12));
+    assert!(h
+        .events()
+        .await
+        .iter()
+        .any(|(r, n)| r == "PartitionsIncreased" && n.contains("9 → 12")));
+}
+
+#[tokio::test]
+async fn a_partition_decrease_is_refused_and_the_topic_left_untouched() {
+    let h = harness(ClientBuilder::new()).await;
+    h.admin.with(|s| {
+        s.topics.insert("orders".into(), (12, Default::default()));
+    });
+    h.create_group(&group("pharmacy", json!({}))).await;
+    h.reconcile_group("pharmacy").await;
+    assert_eq!(h.admin.state().topics["orders"].0, 12, "untouched");
+    assert!(h.admin.state().log.is_empty());
+    let st = h.group("pharmacy").await.status.clone().unwrap();
+    let ready = condition(&st.conditions, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "NotSupported")
+    );
+    assert!(
+        ready
+            .message
+            .contains("has 12 partitions; the spec asks for 6"),
+        "{}",
+        ready.message
+    );
+    assert_eq!(condition(&st.conditions, "Stalled").unwrap().status, "True");
+    assert!(h
+        .events()
+        .await
+        .iter()
+        .any(|(r, _)| r == "PartitionsRefused"));
+    // The consumers still run.
+    assert!(h
+        .api::<Deployment>()
+        .get_opt("pharmacy-consumer")
+        .await
+        .unwrap()
+        .is_some());
+}
+
+#[tokio::test]
+async fn broker_errors_surface_with_the_brokers_message_and_back_off() {
+    let h = harness(ClientBuilder::new()).await;
+    h.admin
+        .with(|s| s.fail = Some("Broker: Cluster authorization failed".into()));
+    let cr = h.create_group(&group("pharmacy", json!({}))).await;
+    let err = reconcile_consumer(cr.clone(), h.ctx.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.reason(), "KafkaError");
+    let st = h.group("pharmacy").await.status.clone().unwrap();
+    let ready = condition(&st.conditions, "Ready").unwrap();
+    assert_eq!(ready.reason, "KafkaError");
+    assert_eq!(ready.message, "Broker: Cluster authorization failed");
+    let delays: Vec<Action> = (0..3)
+        .map(|_| error_policy(cr.clone(), &err, h.ctx.clone()))
+        .collect();
+    assert_eq!(
+        delays,
+        [1, 2, 4].map(|s| Action::requeue(Duration::from_secs(s))),
+        "exponential per object"
+    );
+    assert!(h.metrics().contains(
+        "outbox_operator_reconcile_failures_total{kind=\"ConsumerGroup\",reason=\"KafkaError\"} 1"
+    ));
+    // The broker recovers: success resets the backoff.
+    h.admin.with(|s| s.fail = None);
+    h.reconcile_group("pharmacy").await;
+    assert_eq!(
+        error_policy(cr, &err, h.ctx.clone()),
+        Action::requeue(Duration::from_secs(1))
+    );
+}
+
+#[tokio::test]
+async fn injected_api_errors_fail_the_reconcile_without_a_crash_and_it_recovers() {
+    let failing = Arc::new(AtomicUsize::new(2));
+    let f = failing.clone();
+    let builder =
+        ClientBuilder::new().with_interceptor_funcs(interceptor::Funcs::new().patch(move |ctx| {
+            if ctx.name == "orders-relay" && f.load(Ordering::SeqCst) > 0 {
+                f.fetch_sub(1, Ordering::SeqCst);
+                return Err(kube_fake_client::Error::Internal(
+                    "etcdserver: request timed out".into(),
+                ));
+            }
+            Ok(None)
+        }));
+    let h = harness(builder).await;
+    let cr = h.create_relay(&relay("orders", json!({}))).await;
+    for expected in [1, 2] {
+        let err = reconcile_relay(cr.clone(), h.ctx.clone())
+            .await
+            .unwrap_err();
+        assert_eq!(err.reason(), "KubeApi");
+        assert!(err.to_string().contains("request timed out"), "{err}");
+        assert_eq!(
+            error_policy(cr.clone(), &err, h.ctx.clone()),
+            Action::requeue(Duration::from_secs(expected))
+        );
+    }
+    h.reconcile_relay("orders").await;
+    assert!(h
+        .api::<Deployment>()
+        .get_opt("orders-relay")
+        .await
+        .unwrap()
+        .is_some());
+    assert!(h.metrics().contains("reason=\"KubeApi\"} 2"));
+}
+
+#[tokio::test]
+async fn bad_specs_stall_with_a_message_naming_the_field() {
+    let h = harness(ClientBuilder::new()).await;
+    h.create_group(&group(
+        "pharmacy",
+        json!({"env": [{"name": "CONSUMER_GROUP_ID", "value": "x"}]}),
+    ))
+    .await;
+    assert_eq!(h.reconcile_group("pharmacy").await, Action::await_change());
+    let st = h.group("pharmacy").await.status.clone().unwrap();
+    let ready = condition(&st.conditions, "Ready").unwrap();
+    assert_eq!(ready.reason, "InvalidSpec");
+    assert_eq!(
+        ready.message,
+        "spec.env[0].name: CONSUMER_GROUP_ID is set by the operator from the spec"
+    );
+    assert!(
+        h.api::<Deployment>()
+            .get_opt("pharmacy-consumer")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing half-written"
+    );
+    assert!(h.admin.state().log.is_empty());
+
+    h.create_relay(&relay(
+        "orders",
+        json!({"coordination": {"leaseDurationSeconds": 5, "renewDeadlineSeconds": 8}}),
+    ))
+    .await;
+    h.reconcile_relay("orders").await;
+    let st = h.relay("orders").await.status.clone().unwrap();
+    assert!(condition(&st.conditions, "Stalled")
+        .unwrap()
+        .message
+        .starts_with("spec.coordination: lease duration (5s)"));
+}
+
+#[tokio::test]
+async fn delete_policy_topics_get_a_finalizer_and_go_with_the_group() {
+    let h = harness(ClientBuilder::new()).await;
+    let topics = json!({"topics": [
+        {"name": "orders", "partitions": 6},
+        {"name": "scratch", "partitions": 1, "deletionPolicy": "Delete"}
+    ]});
+    h.create_group(&group("pharmacy", topics.clone())).await;
+    h.reconcile_group("pharmacy").await;
+    assert_eq!(h.group("pharmacy").await.finalizers(), [TOPIC_FINALIZER]);
+    // Retain only: no finalizer (and a Delete topic turned Retain loses it).
+    h.create_group(&group("notification", json!({}))).await;
+    h.reconcile_group("notification").await;
+    assert!(h.group("notification").await.finalizers().is_empty());
+
+    // kube-fake-client deletes at once, ignoring finalizers; a real API server instead sets
+    // deletionTimestamp and keeps the object while a finalizer remains. Start from that state.
+    let mut deleting = group("pharmacy", topics);
+    deleting.metadata.uid = Some("uid-p".into());
+    deleting.metadata.finalizers = Some(vec![TOPIC_FINALIZER.into()]);
+    deleting.metadata.deletion_timestamp = Some(
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now()),
+    );
+    let h = harness(ClientBuilder::new().with_object(deleting)).await;
+    h.admin.with(|s| {
+        s.topics.insert("orders".into(), (6, Default::default()));
+        s.topics.insert("scratch".into(), (1, Default::default()));
+    });
+    assert_eq!(h.reconcile_group("pharmacy").await, Action::await_change());
+    let topics = h.admin.state().topics;
+    assert!(
+        !topics.contains_key("scratch"),
+        "Delete policy topic deleted"
+    );
+    assert!(topics.contains_key("orders"), "Retain policy topic kept");
+    assert!(
+        h.api::<ConsumerGroup>()
+            .get_opt("pharmacy")
+            .await
+            .unwrap()
+            .is_none(),
+        "gone once the finalizer is removed"
+    );
+    assert!(h
+        .events()
+        .await
+        .iter()
+        .any(|(r, n)| r == "TopicDeleted" && n.contains("scratch")));
+}
+
+/// Figures, not assertions on speed: reconcile latency for 100 objects on the fake.
+#[tokio::test]
+async fn hundred_objects_reconcile() {
+    let h = harness(ClientBuilder::new()).await;
+    for i in 0..50 {
+        h.create_relay(&relay(&format!("r{i}"), json!({}))).await;
+        h.create_group(&group(&format!("g{i}"), json!({}))).await;
+    }
+    let mut took = Vec::new();
+    for i in 0..50 {
+        let t = Instant::now();
+        h.reconcile_relay(&format!("r{i}")).await;
+        took.push(t.elapsed());
+        let t = Instant::now();
+        h.reconcile_group(&format!("g{i}")).await;
+        took.push(t.elapsed());
+    }
+    took.sort();
+    assert_eq!(
+        h.api::<Deployment>()
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .len(),
+        100
+    );
+    println!(
+        "100 CRs on kube-fake-client: reconcile p50 {:?}, p99 {:?}",
+        took[49], took[98]
+    );
+}
