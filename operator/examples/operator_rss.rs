@@ -1,0 +1,68 @@
+//! Figure: resident memory of the `outbox-operator` binary serving 100 custom resources from a fake API
+//! server (kube-fake-client over loopback HTTP). Run: `cargo run --release -p operator --example operator_rss`
+//! after `cargo build --release -p operator`.
+
+use std::time::Duration;
+
+use kube::Api;
+use operator::crd::{ConsumerGroup, OutboxRelay};
+use serde_json::json;
+use test_support::kube_api::FakeApiServer;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let client = kube_fake_client::ClientBuilder::new()
+        .with_resource::<OutboxRelay>()
+        .with_resource::<ConsumerGroup>()
+        .with_status_subresource::<OutboxRelay>()
+        .with_status_subresource::<ConsumerGroup>()
+        .build()
+        .await?;
+    for i in 0..50 {
+        let r: OutboxRelay = serde_json::from_value(json!({
+            "apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay",
+            "metadata": {"name": format!("r{i}"), "namespace": "default"},
+            "spec": {"database": {"secretRef": {"name": "db", "key": "url"}}, "kafka": {"bootstrap": "127.0.0.1:1"}}
+        }))?;
+        Api::<OutboxRelay>::namespaced(client.clone(), "default")
+            .create(&Default::default(), &r)
+            .await?;
+        let g: ConsumerGroup = serde_json::from_value(json!({
+            "apiVersion": "outbox.dev/v1alpha1", "kind": "ConsumerGroup",
+            "metadata": {"name": format!("g{i}"), "namespace": "default"},
+            "spec": {"groupId": format!("g{i}"), "image": "c:1", "kafka": {"bootstrap": "127.0.0.1:1"},
+                "database": {"secretRef": {"name": "db", "key": "url"}}, "topics": [{"name": "t", "partitions": 1}]}
+        }))?;
+        Api::<ConsumerGroup>::namespaced(client.clone(), "default")
+            .create(&Default::default(), &g)
+            .await?;
+    }
+    let server = FakeApiServer::start(client).await?;
+    let bin = std::env::current_exe()?
+        .parent()
+        .and_then(|p| p.parent())
+        .map(|p| p.join("outbox-operator"))
+        .ok_or_else(|| anyhow::anyhow!("no target dir"))?;
+    let mut child = tokio::process::Command::new(&bin)
+        .args(["--http-addr", "127.0.0.1:0"])
+        .env("KUBECONFIG", server.kubeconfig())
+        .env("RUST_LOG", "error")
+        .kill_on_drop(true)
+        .spawn()?;
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let pid = child
+        .id()
+        .ok_or_else(|| anyhow::anyhow!("operator exited"))?;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .unwrap_or("VmRSS: ?");
+    let hwm = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .unwrap_or("VmHWM: ?");
+    println!("outbox-operator with 100 CRs on the fake API server after 15 s: {rss}, peak {hwm}");
+    child.kill().await?;
+    Ok(())
+}
