@@ -1,5 +1,5 @@
 # The README's commands. `make test` works on a fresh Debian machine with a Rust toolchain.
-.PHONY: setup test lint unit bench bench-relay bench-consumer build demo
+.PHONY: setup test lint unit bench bench-relay bench-consumer build demo images kind-e2e
 
 setup:
 	@bash scripts/setup.sh
@@ -30,3 +30,14 @@ build: setup
 LOAD ?= 0
 demo: build
 	./target/debug/outbox-demo --load $(LOAD)
+
+# Container images (Docker): one build, four targets, tagged for the Helm chart's values.
+REGISTRY ?= ghcr.io/outbox-operator
+TAG ?= $(shell sed -n 's/^appVersion: *"\(.*\)"/\1/p' charts/outbox-operator/Chart.yaml)
+IMAGES := outbox-operator outbox-relay demo-consumer demo-api
+images:
+	@for i in $(IMAGES); do docker build --target $$i -t $(REGISTRY)/$$i:$(TAG) . || exit 1; done
+
+# End-to-end on kind (needs docker, kind, kubectl, helm; skipped with a message otherwise). Not run by CI.
+kind-e2e:
+	@bash scripts/kind-e2e.sh
