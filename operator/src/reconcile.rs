@@ -26,6 +26,23 @@ use crate::metrics::{Backoff, FailureLabel, KindLabel, Metrics};
 use crate::plan::{self, Defaults, FIELD_MANAGER};
 use crate::topics::{plan_topics, AdminError, KafkaAdmin, TopicAdmin};
 
+/// A namespaced object `Api<K>` can read and write.
+pub trait Namespaced:
+    Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+    + Clone
+    + DeserializeOwned
+    + std::fmt::Debug
+{
+}
+
+impl<K> Namespaced for K where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + std::fmt::Debug
+{
+}
+
 /// Finalizer of ConsumerGroups with `deletionPolicy: Delete` topics.
 pub const TOPIC_FINALIZER: &str = "outbox.dev/delete-topics";
 
@@ -193,11 +210,7 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
 
 async fn apply<K>(client: &kube::Client, ns: &str, obj: &K) -> Result<K, kube::Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + Serialize
-        + DeserializeOwned
-        + std::fmt::Debug,
+    K: Namespaced + Serialize,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let name = obj.meta().name.clone().unwrap_or_default();
@@ -215,10 +228,7 @@ async fn delete_if_present<K>(
     name: &str,
 ) -> Result<(), kube::Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
+    K: Namespaced,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     match api.delete(name, &DeleteParams::default()).await {
@@ -234,10 +244,7 @@ async fn patch_status<K>(
     status: serde_json::Value,
 ) -> Result<(), kube::Error>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-        + Clone
-        + DeserializeOwned
-        + std::fmt::Debug,
+    K: Namespaced,
 {
     let api: Api<K> = Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
     api.patch_status(
@@ -632,10 +639,7 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     use kube::runtime::{watcher, Controller};
     fn api<K>(client: &kube::Client, ns: &Option<String>) -> Api<K>
     where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + DeserializeOwned
-            + std::fmt::Debug,
+        K: Namespaced,
     {
         match ns {
             Some(n) => Api::namespaced(client.clone(), n),

@@ -18,7 +18,7 @@ use operator::crd::{ConsumerGroup, OutboxRelay};
 use operator::metrics::Metrics;
 use operator::plan::Defaults;
 use operator::reconcile::{
-    error_policy, reconcile_consumer, reconcile_relay, Context, TOPIC_FINALIZER,
+    error_policy, reconcile_consumer, reconcile_relay, Context, Namespaced, TOPIC_FINALIZER,
 };
 use operator::topics::{MemoryAdmin, TopicAdmin};
 use serde_json::json;
@@ -88,14 +88,13 @@ async fn harness(builder: ClientBuilder) -> Harness {
 }
 
 impl Harness {
-    fn api<K>(&self) -> Api<K>
-    where
-        K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
-            + Clone
-            + serde::de::DeserializeOwned
-            + std::fmt::Debug,
-    {
+    fn api<K: Namespaced>(&self) -> Api<K> {
         Api::namespaced(self.client.clone(), NS)
+    }
+
+    /// Whether the object `name` of kind `K` is controlled by `owner`.
+    async fn owned<K: Namespaced>(&self, name: &str, owner: &impl Resource) -> bool {
+        owned_by(self.api::<K>().get(name).await.unwrap().meta(), owner)
     }
 
     async fn create_relay(&self, cr: &OutboxRelay) -> Arc<OutboxRelay> {
@@ -192,42 +191,14 @@ async fn a_relay_gets_its_children_with_owner_refs_and_a_status() {
     let dep = h.api::<Deployment>().get("orders-relay").await.unwrap();
     assert!(owned_by(&dep.metadata, cr.as_ref()));
     assert_eq!(dep.spec.as_ref().unwrap().replicas, Some(2));
-    assert!(owned_by(
-        &h.api::<ServiceAccount>()
-            .get("orders-relay")
+    assert!(h.owned::<ServiceAccount>("orders-relay", cr.as_ref()).await);
+    assert!(h.owned::<Role>("orders-relay", cr.as_ref()).await);
+    assert!(h.owned::<RoleBinding>("orders-relay", cr.as_ref()).await);
+    assert!(h.owned::<Service>("orders-relay", cr.as_ref()).await);
+    assert!(
+        h.owned::<PodDisruptionBudget>("orders-relay", cr.as_ref())
             .await
-            .unwrap()
-            .metadata,
-        cr.as_ref()
-    ));
-    assert!(owned_by(
-        &h.api::<Role>().get("orders-relay").await.unwrap().metadata,
-        cr.as_ref()
-    ));
-    assert!(owned_by(
-        &h.api::<RoleBinding>()
-            .get("orders-relay")
-            .await
-            .unwrap()
-            .metadata,
-        cr.as_ref()
-    ));
-    assert!(owned_by(
-        &h.api::<Service>()
-            .get("orders-relay")
-            .await
-            .unwrap()
-            .metadata,
-        cr.as_ref()
-    ));
-    assert!(owned_by(
-        &h.api::<PodDisruptionBudget>()
-            .get("orders-relay")
-            .await
-            .unwrap()
-            .metadata,
-        cr.as_ref()
-    ));
+    );
 
     let st = h.relay("orders").await.status.clone().unwrap();
     assert_eq!(st.observed_generation, cr.metadata.generation);
