@@ -1,5 +1,5 @@
 # The README's commands. `make test` works on a fresh Debian machine with a Rust toolchain.
-.PHONY: setup test lint unit bench bench-relay bench-consumer build demo images kind-e2e
+.PHONY: setup test lint check-manifests unit bench bench-relay bench-consumer build demo images kind-e2e
 
 setup:
 	@bash scripts/setup.sh
@@ -10,6 +10,14 @@ lint:
 
 test: setup lint
 	cargo test --workspace --locked
+	$(MAKE) check-manifests
+
+# The Helm chart rendered by Helm's library and every manifest (chart, operator-created objects) validated
+# against the Kubernetes OpenAPI schemas; see scripts/check-manifests.py.
+CACHE ?= $(or $(OUTBOX_CACHE),$(HOME)/.cache/outbox-operator)
+check-manifests: setup
+	cargo run -q --locked -p operator --example plan_objects > target/planned-objects.yaml
+	$(CACHE)/manifests-venv/bin/python scripts/check-manifests.py charts/outbox-operator target/planned-objects.yaml crds kind-config.yaml
 
 bench: bench-relay bench-consumer
 

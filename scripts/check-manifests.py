@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""Checks what ships to Kubernetes with real tools, offline (run by `make check-manifests`, part of `make test`):
+
+- the Helm chart is linted and rendered by Helm's own library (helm-python-sdk: Helm v4 compiled as a shared
+  library; no helm binary and no cluster needed), with default values and with the demo stack;
+- every rendered manifest and every object the operator creates (`planned.yaml`) validates against the
+  Kubernetes 1.37 OpenAPI schemas in strict mode (kubernetes-validate: unknown fields fail); custom resources
+  validate against the generated CRDs' schemas;
+- values.schema.json refuses bad values through Helm's own schema validation, naming the key;
+- kind-config.yaml maps the NodePorts the chart uses.
+
+Usage: check-manifests.py CHART PLANNED_YAML CRD_DIR KIND_CONFIG. Prints one line per check; exit 1 on failure.
+"""
+
+import sys
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import yaml
+from helm_python import chart as helm_chart
+from helm_python import errors as helm_errors
+
+K8S_VERSION = "1.37.0"
+# Kinds that are not Kubernetes built-ins: validated elsewhere or not at all (ServiceMonitor needs the
+# Prometheus Operator's CRD, which this repository does not carry).
+CUSTOM = {"OutboxRelay", "ConsumerGroup"}
+SKIPPED = {"ServiceMonitor"}
+
+failures = []
+
+
+def fail(msg):
+    failures.append(msg)
+    print(f"FAIL {msg}")
+
+
+def ok(msg):
+    print(f"ok   {msg}")
+
+
+def crd_validators(crd_dir):
+    out = {}
+    for f in sorted(Path(crd_dir).glob("*.yaml")):
+        crd = yaml.safe_load(f.read_text())
+        schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        out[crd["spec"]["names"]["kind"]] = jsonschema.Draft7Validator(schema)
+    return out
+
+
+def validate_docs(docs, crds, what):
+    kinds = []
+    for d in docs:
+        kind = d.get("kind")
+        name = f"{what}: {kind}/{d.get('metadata', {}).get('name')}"
+        kinds.append(kind)
+        if kind in SKIPPED:
+            ok(f"{name} (not a Kubernetes built-in; not validated)")
+            continue
+        if kind in CUSTOM:
+            errors = [f"{'/'.join(map(str, e.path))}: {e.message}" for e in crds[kind].iter_errors(d)]
+            if errors:
+                fail(f"{name} against its CRD: {errors}")
+            else:
+                ok(f"{name} valid against the generated CRD")
+            continue
+        try:
+            kubernetes_validate.validate(d, K8S_VERSION, strict=True)
+            ok(f"{name} valid against Kubernetes {K8S_VERSION} (strict)")
+        except Exception as e:  # ValidationError, SchemaNotFoundError
+            fail(f"{name}: {getattr(e, 'message', e)}")
+    return kinds
+
+
+def render(chart, values, release="outbox-operator", namespace="outbox"):
+    manifests = chart.render(values, name=release, namespace=namespace, is_install=True)
+    docs = []
+    for path, text in sorted(manifests.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for d in yaml.safe_load_all(text):
+            if d:
+                docs.append(d)
+    return manifests, docs
+
+
+def main():
+    chart_dir, planned, crd_dir, kind_config = sys.argv[1:5]
+    crds = crd_validators(crd_dir)
+    chart = helm_chart.Chart.load(chart_dir)
+
+    demo = {"demo": {"enabled": True, "kafkaUi": {"enabled": True}}, "serviceMonitor": {"enabled": True}}
+    for label, values in [("default values", None), ("demo values", demo)]:
+        report = helm_chart.lint(chart_dir, values, strict=True, kube_version="v1.37.0")
+        errors = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + report.get("errors", [])
+        if errors:
+            fail(f"helm lint --strict ({label}): {errors}")
+        else:
+            ok(f"helm lint --strict ({label})")
+
+    manifests, docs = render(chart, None)
+    kinds = validate_docs(docs, crds, "chart (default values)")
+    expected = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"}
+    if set(kinds) != expected:
+        fail(f"default render kinds {sorted(set(kinds))} != {sorted(expected)}")
+    images = {
+        c["image"]
+        for d in docs
+        if d["kind"] == "Deployment"
+        for c in d["spec"]["template"]["spec"]["containers"]
+    }
+    if images != {"ghcr.io/outbox-operator/outbox-operator:0.1.0"}:
+        fail(f"operator image {images}")
+    env = {
+        e["name"]: e.get("value")
+        for d in docs
+        if d["kind"] == "Deployment"
+        for e in d["spec"]["template"]["spec"]["containers"][0]["env"]
+    }
+    if env.get("OPERATOR_RELAY_IMAGE") != "ghcr.io/outbox-operator/outbox-relay:0.1.0":
+        fail(f"relay image passed to the operator: {env.get('OPERATOR_RELAY_IMAGE')}")
+    if not any(p.endswith("NOTES.txt") for p in manifests):
+        fail("NOTES.txt not rendered")
+
+    _, docs = render(chart, demo)
+    kinds = validate_docs(docs, crds, "chart (demo)")
+    need = {"StatefulSet": 2, "OutboxRelay": 1, "ConsumerGroup": 2, "Secret": 2, "ServiceMonitor": 1}
+    for kind, n in need.items():
+        if kinds.count(kind) != n:
+            fail(f"demo render: {kinds.count(kind)} {kind}, expected {n}")
+    groups = {d["metadata"]["name"]: d["spec"]["replicas"] for d in docs if d["kind"] == "ConsumerGroup"}
+    relay = [d for d in docs if d["kind"] == "OutboxRelay"][0]
+    if groups != {"pharmacy": 2, "notification": 1} or relay["spec"]["replicas"] != 2 \
+            or relay["spec"]["coordination"]["mode"] != "Lease":
+        fail(f"demo resources: groups {groups}, relay {relay['spec']}")
+    else:
+        ok("demo: OutboxRelay in Lease mode with 2 replicas, pharmacy ×2, notification ×1")
+    node_ports = {
+        p["nodePort"]
+        for d in docs
+        if d["kind"] == "Service" and d["spec"].get("type") == "NodePort"
+        for p in d["spec"]["ports"]
+    }
+    mapped = {m["containerPort"] for n in yaml.safe_load(Path(kind_config).read_text())["nodes"]
+              for m in n.get("extraPortMappings", [])}
+    if node_ports != mapped:
+        fail(f"NodePorts {sorted(node_ports)} vs kind-config.yaml mappings {sorted(mapped)}")
+    else:
+        ok(f"kind-config.yaml maps the chart's NodePorts {sorted(node_ports)}")
+
+    for bad, key in [
+        ({"demo": {"api": {"nodePort": 8080}}}, "nodePort"),
+        ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
+        ({"operator": {"logFormt": "json"}}, "logFormt"),
+    ]:
+        try:
+            chart.validate_schema(bad)
+            fail(f"values {bad} accepted")
+        except helm_errors.HelmError as e:
+            if key in str(e):
+                ok(f"values {bad} refused: {' '.join(str(e).split())[:140]}")
+            else:
+                fail(f"values {bad} refused without naming {key}: {e}")
+
+    planned_docs = [d for d in yaml.safe_load_all(Path(planned).read_text()) if d]
+    kinds = validate_docs(planned_docs, crds, "operator")
+    if len(planned_docs) < 9:
+        fail(f"only {len(planned_docs)} planned objects")
+
+    if failures:
+        print(f"{len(failures)} manifest check(s) failed")
+        sys.exit(1)
+    print("manifests: all checks passed")
+
+
+if __name__ == "__main__":
+    main()
