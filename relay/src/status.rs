@@ -34,6 +34,24 @@ pub fn status_patch(metrics: &Metrics, identity: &str) -> serde_json::Value {
     })
 }
 
+/// The `OutboxRelay` API in `namespace`.
+pub fn api(client: kube::Client, namespace: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client, namespace, &outbox_relay_resource())
+}
+
+/// One report: a JSON merge patch of the status subresource (the operator's conditions stay untouched).
+pub async fn report(
+    api: &Api<DynamicObject>,
+    name: &str,
+    metrics: &Metrics,
+    identity: &str,
+) -> Result<(), kube::Error> {
+    let patch = status_patch(metrics, identity);
+    api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map(|_| ())
+}
+
 /// Patches the status of OutboxRelay `name` every [`REPORT_EVERY`] while this relay leads.
 pub fn spawn_reporter(
     client: kube::Client,
@@ -54,11 +72,7 @@ pub fn spawn_reporter(
             if metrics.is_leader.get() != 1 {
                 continue;
             }
-            let patch = status_patch(&metrics, &identity);
-            match api
-                .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-                .await
-            {
+            match report(&api, &name, &metrics, &identity).await {
                 Ok(_) => failing = false,
                 Err(e) if !failing => {
                     tracing::warn!("cannot report to OutboxRelay `{name}` status: {e}");

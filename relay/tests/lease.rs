@@ -268,3 +268,74 @@ async fn lease_timings_that_do_not_nest_exit_2_naming_the_flags() {
         "{err}"
     );
 }
+
+/// A stand-in for the operator's OutboxRelay: only what the fake API server needs to store one.
+#[derive(kube::CustomResource, Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+#[kube(
+    group = "outbox.dev",
+    version = "v1alpha1",
+    kind = "OutboxRelay",
+    namespaced,
+    status = "RelayStatus",
+    schema = "disabled",
+    derive = "Default"
+)]
+struct RelaySpec {
+    #[serde(default)]
+    replicas: i32,
+}
+
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+struct RelayStatus {
+    #[serde(flatten)]
+    fields: serde_json::Map<String, serde_json::Value>,
+}
+
+#[tokio::test]
+async fn the_leaders_status_report_sets_its_fields_and_keeps_the_operators() {
+    use kube::api::{Patch, PatchParams};
+    let client = kube_fake_client::ClientBuilder::new()
+        .with_resource::<OutboxRelay>()
+        .with_status_subresource::<OutboxRelay>()
+        .build()
+        .await
+        .unwrap();
+    let typed: Api<OutboxRelay> = Api::namespaced(client.clone(), "default");
+    typed
+        .create(
+            &Default::default(),
+            &OutboxRelay::new("orders", RelaySpec::default()),
+        )
+        .await
+        .unwrap();
+    let conditions = serde_json::json!([{"type": "Ready", "status": "True"}]);
+    typed
+        .patch_status(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(serde_json::json!({"status": {"conditions": conditions}})),
+        )
+        .await
+        .unwrap();
+    let metrics = Metrics::new();
+    metrics.pending.set(42);
+    metrics.oldest_pending_age_seconds.set(3.5);
+    metrics.lease_transitions.set(7);
+    relay::status::report(
+        &relay::status::api(client, "default"),
+        "orders",
+        &metrics,
+        "relay-a",
+    )
+    .await
+    .unwrap();
+    let status = typed.get("orders").await.unwrap().status.unwrap().fields;
+    assert_eq!(status["backlog"], 42);
+    assert_eq!(status["oldestPendingAgeSeconds"], 3.5);
+    assert_eq!(status["leader"], "relay-a");
+    assert_eq!(status["leaseTransitions"], 7);
+    assert_eq!(
+        status["conditions"], conditions,
+        "the operator's conditions stay"
+    );
+}
