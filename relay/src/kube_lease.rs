@@ -26,6 +26,9 @@ pub struct LeaseClient {
     name: String,
     identity: String,
     timings: Timings,
+    /// When this candidate last took the Lease over: a replace sends the whole object, so renewals carry
+    /// it along (as client-go does) instead of clearing it.
+    acquired: Arc<std::sync::Mutex<Option<MicroTime>>>,
 }
 
 impl LeaseClient {
@@ -42,6 +45,7 @@ impl LeaseClient {
             name: name.into(),
             identity: identity.into(),
             timings,
+            acquired: Arc::default(),
         }
     }
 
@@ -92,9 +96,11 @@ impl LeaseClient {
                 lease_duration_seconds: Some(self.timings.lease_duration.as_secs() as i32),
                 lease_transitions: Some(transitions),
                 renew_time: Some(now.clone()),
-                // A renewal must keep the acquire time; a replace sends the whole object, so it is read
-                // back by nobody but humans: a renewal leaves it unset rather than inventing one.
-                acquire_time: takeover.then_some(now),
+                acquire_time: if takeover {
+                    Some(now.clone())
+                } else {
+                    self.acquired.lock().unwrap().clone()
+                },
                 ..Default::default()
             }),
         };
@@ -107,7 +113,12 @@ impl LeaseClient {
         };
         match tokio::time::timeout(self.call_timeout(), call).await {
             Err(_) => Written::Error("timed out".into()),
-            Ok(Ok(l)) => Written::Ok(l.metadata.resource_version.unwrap_or_default()),
+            Ok(Ok(l)) => {
+                if takeover {
+                    *self.acquired.lock().unwrap() = Some(now);
+                }
+                Written::Ok(l.metadata.resource_version.unwrap_or_default())
+            }
             Ok(Err(kube::Error::Api(s))) if s.code == 409 => Written::Conflict,
             Ok(Err(e)) => Written::Error(e.to_string()),
         }

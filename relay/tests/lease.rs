@@ -78,6 +78,14 @@ async fn lease_writes_are_compare_and_swap() {
     assert_eq!(spec.holder_identity.as_deref(), Some("a"));
     assert_eq!(spec.lease_duration_seconds, Some(15));
     assert!(spec.renew_time.is_some());
+    assert!(
+        spec.acquire_time.is_some(),
+        "a renewal keeps the acquire time"
+    );
+    assert!(
+        spec.renew_time > spec.acquire_time,
+        "renewed after the acquisition"
+    );
     // Release clears the holder only for the holder.
     b.release().await;
     assert!(matches!(b.read().await, Read::Found(r) if r.holder.as_deref() == Some("a")));
