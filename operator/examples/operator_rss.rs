@@ -2,6 +2,9 @@
 //! server (kube-fake-client over loopback HTTP). Run: `cargo run --release -p operator --example operator_rss`
 //! after `cargo build --release -p operator`.
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+
 use std::time::Duration;
 
 use kube::Api;
@@ -11,11 +14,7 @@ use test_support::kube_api::FakeApiServer;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let client = kube_fake_client::ClientBuilder::new()
-        .with_resource::<OutboxRelay>()
-        .with_resource::<ConsumerGroup>()
-        .with_status_subresource::<OutboxRelay>()
-        .with_status_subresource::<ConsumerGroup>()
+    let client = common::with_crds(kube_fake_client::ClientBuilder::new())
         .build()
         .await?;
     for i in 0..50 {

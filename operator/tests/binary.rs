@@ -1,10 +1,12 @@
 //! The `outbox-operator` binary: configuration errors exit 2 with one line; against a (fake) API server it
 //! serves /healthz, /readyz and /metrics and reconciles what it lists.
 
+mod common;
+
 use std::time::Duration;
 
 use kube::Api;
-use operator::crd::{ConsumerGroup, OutboxRelay};
+use operator::crd::OutboxRelay;
 use serde_json::json;
 use test_support::kube_api::FakeApiServer;
 use test_support::{free_port, wait_for};
@@ -29,11 +31,7 @@ async fn no_kubernetes_configuration_exits_2_naming_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_probes_and_metrics_and_reconciles_listed_resources() {
-    let client = kube_fake_client::ClientBuilder::new()
-        .with_resource::<OutboxRelay>()
-        .with_resource::<ConsumerGroup>()
-        .with_status_subresource::<OutboxRelay>()
-        .with_status_subresource::<ConsumerGroup>()
+    let client = common::with_crds(kube_fake_client::ClientBuilder::new())
         .build()
         .await
         .unwrap();

@@ -1,8 +1,10 @@
 //! Stateful reconcile tests on kube-fake-client (resourceVersion conflicts, status subresource,
 //! server-side apply) with the in-memory topic admin.
 
+mod common;
+
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -54,36 +56,45 @@ fn group(name: &str, extra: serde_json::Value) -> ConsumerGroup {
     cr
 }
 
+/// (bootstrap, librdkafka properties) per topic admin requested.
+type Connections = Arc<Mutex<Vec<(String, Vec<(String, String)>)>>>;
+
 struct Harness {
     client: kube::Client,
     ctx: Arc<Context>,
     admin: Arc<MemoryAdmin>,
+    /// (bootstrap, librdkafka properties) of every topic admin the reconciler asked for.
+    connections: Connections,
 }
 
 async fn harness(builder: ClientBuilder) -> Harness {
-    let client = builder
-        .with_resource::<OutboxRelay>()
-        .with_resource::<ConsumerGroup>()
-        .with_status_subresource::<OutboxRelay>()
-        .with_status_subresource::<ConsumerGroup>()
+    let client = common::with_crds(builder)
         .with_status_subresource::<Deployment>()
         .build()
         .await
         .unwrap();
     let admin = Arc::new(MemoryAdmin::default());
     let a = admin.clone();
+    let connections: Connections = Arc::default();
+    let c = connections.clone();
     let ctx = Context::with_admins(
         client.clone(),
         Defaults {
             relay_image: "outbox-relay:test".into(),
         },
         Arc::new(Metrics::default()),
-        Box::new(move |_, _| Ok(a.clone() as Arc<dyn TopicAdmin>)),
+        Box::new(move |bootstrap, props| {
+            c.lock()
+                .unwrap()
+                .push((bootstrap.to_owned(), props.to_vec()));
+            Ok(a.clone() as Arc<dyn TopicAdmin>)
+        }),
     );
     Harness {
         client,
         ctx: Arc::new(ctx),
         admin,
+        connections,
     }
 }
 
@@ -158,6 +169,16 @@ impl Harness {
             .collect()
     }
 
+    /// Whether an event with `reason` whose note contains `note` was recorded.
+    async fn has_event(&self, reason: &str, note: &str) -> bool {
+        let events = self.events().await;
+        let found = events.iter().any(|(r, n)| r == reason && n.contains(note));
+        if !found {
+            eprintln!("no {reason} event containing {note:?} among {events:?}");
+        }
+        found
+    }
+
     fn metrics(&self) -> String {
         self.ctx.metrics.render()
     }
@@ -211,11 +232,7 @@ async fn a_relay_gets_its_children_with_owner_refs_and_a_status() {
         condition(&st.conditions, "Reconciling").unwrap().status,
         "True"
     );
-    assert!(h
-        .events()
-        .await
-        .iter()
-        .any(|(r, n)| r == "Created" && n.contains("orders-relay with 2 replicas")));
+    assert!(h.has_event("Created", "orders-relay with 2 replicas").await);
 
     // Pods come up and a relay holds the Lease: Ready, leader and epoch in the status.
     h.set_ready("orders-relay", 2, 2).await;
@@ -341,13 +358,7 @@ async fn spec_changes_update_children_and_drift_is_repaired() {
         "PDB removed at 1 replica"
     );
     // Events of one reason form a series (kube-runtime's recorder): the first note stays, the count grows.
-    let events = h.events().await;
-    assert!(
-        events
-            .iter()
-            .any(|(r, n)| r == "Scaled" && n.contains("from 7 to 2")),
-        "{events:?}"
-    );
+    assert!(h.has_event("Scaled", "from 7 to 2").await);
 }
 
 #[tokio::test]
@@ -435,12 +446,9 @@ async fn a_group_creates_topics_runs_pods_and_reports_scale_status() {
     assert_eq!(st.total_partitions, 6);
     assert_eq!(st.lag, Some(42));
     assert_eq!(condition(&st.conditions, "Ready").unwrap().status, "True");
-    let events = h.events().await;
     assert!(
-        events
-            .iter()
-            .any(|(r, n)| r == "TopicCreated" && n.contains("orders with 6 partitions")),
-        "{events:?}"
+        h.has_event("TopicCreated", "orders with 6 partitions")
+            .await
     );
 }
 
@@ -460,11 +468,7 @@ async fn more_replicas_than_partitions_are_capped_or_grow_the_topic() {
         Some(6),
         "Cap: effective replicas = partitions"
     );
-    assert!(h
-        .events()
-        .await
-        .iter()
-        .any(|(r, n)| r == "ScaleCapped" && n.contains("9 replicas requested")));
+    assert!(h.has_event("ScaleCapped", "9 replicas requested").await);
 
     h.create_group(&group(
         "billing",
@@ -495,11 +499,7 @@ async fn more_replicas_than_partitions_are_capped_or_grow_the_topic() {
         .contains(&"grow invoices 12".to_string()));
     let dep = h.api::<Deployment>().get("billing-consumer").await.unwrap();
     assert_eq!(dep.spec.unwrap().replicas, Some(12));
-    assert!(h
-        .events()
-        .await
-        .iter()
-        .any(|(r, n)| r == "PartitionsIncreased" && n.contains("9 → 12")));
+    assert!(h.has_event("PartitionsIncreased", "9 → 12").await);
 }
 
 #[tokio::test]
@@ -526,11 +526,7 @@ async fn a_partition_decrease_is_refused_and_the_topic_left_untouched() {
         ready.message
     );
     assert_eq!(condition(&st.conditions, "Stalled").unwrap().status, "True");
-    assert!(h
-        .events()
-        .await
-        .iter()
-        .any(|(r, _)| r == "PartitionsRefused"));
+    assert!(h.has_event("PartitionsRefused", "").await);
     // The consumers still run.
     assert!(h
         .api::<Deployment>()
@@ -693,11 +689,50 @@ async fn delete_policy_topics_get_a_finalizer_and_go_with_the_group() {
             .is_none(),
         "gone once the finalizer is removed"
     );
+    assert!(h.has_event("TopicDeleted", "scratch").await);
+}
+
+#[tokio::test]
+async fn kafka_properties_come_from_the_referenced_secret() {
+    let secret: k8s_openapi::api::core::v1::Secret = serde_json::from_value(json!({
+        "metadata": {"name": "kafka-auth", "namespace": NS},
+        "data": {"props": "c2FzbC5tZWNoYW5pc209UExBSU4sIHNhc2wudXNlcm5hbWU9b3V0Ym94"}
+    }))
+    .unwrap();
+    let h = harness(ClientBuilder::new().with_object(secret)).await;
+    let kafka = json!({"kafka": {"bootstrap": "kafka:9092", "configSecretRef": {"name": "kafka-auth", "key": "props"}}});
+    h.create_group(&group("pharmacy", kafka)).await;
+    h.reconcile_group("pharmacy").await;
+    assert_eq!(
+        h.connections.lock().unwrap().last().cloned(),
+        Some((
+            "kafka:9092".to_string(),
+            vec![
+                ("sasl.mechanism".to_string(), "PLAIN".to_string()),
+                ("sasl.username".to_string(), "outbox".to_string())
+            ]
+        )),
+        "`sasl.mechanism=PLAIN, sasl.username=outbox` from the Secret"
+    );
+
+    // A missing key: the reconcile fails with SecretError, named in the condition; no topic is touched.
+    let missing = json!({"kafka": {"bootstrap": "kafka:9092", "configSecretRef": {"name": "kafka-auth", "key": "nope"}}});
+    let cr = h.create_group(&group("billing", missing)).await;
+    let err = reconcile_consumer(cr, h.ctx.clone()).await.unwrap_err();
+    assert_eq!(err.reason(), "SecretError");
+    let st = h.group("billing").await.status.clone().unwrap();
+    let ready = condition(&st.conditions, "Ready").unwrap();
+    assert_eq!(ready.reason, "SecretError");
+    assert_eq!(
+        ready.message,
+        "spec.kafka.configSecretRef: Secret `kafka-auth` has no key `nope`"
+    );
     assert!(h
-        .events()
+        .api::<Deployment>()
+        .get_opt("billing-consumer")
         .await
-        .iter()
-        .any(|(r, n)| r == "TopicDeleted" && n.contains("scratch")));
+        .unwrap()
+        .is_none());
 }
 
 /// Figures, not assertions on speed: reconcile latency for 100 objects on the fake.
