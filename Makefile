@@ -17,7 +17,7 @@ test: setup lint
 CACHE ?= $(or $(OUTBOX_CACHE),$(HOME)/.cache/outbox-operator)
 check-manifests: setup
 	cargo run -q --locked -p operator --example plan_objects > target/planned-objects.yaml
-	$(CACHE)/manifests-venv/bin/python scripts/check-manifests.py charts/outbox-operator target/planned-objects.yaml crds kind-config.yaml
+	$(CACHE)/manifests-venv/bin/python scripts/check-manifests.py charts/outbox-operator target/planned-objects.yaml crds kind-config.yaml examples
 
 bench: bench-relay bench-consumer
 

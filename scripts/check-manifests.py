@@ -6,10 +6,12 @@
 - every rendered manifest and every object the operator creates (`planned.yaml`) validates against the
   Kubernetes 1.37 OpenAPI schemas in strict mode (kubernetes-validate: unknown fields fail); custom resources
   validate against the generated CRDs' schemas;
-- values.schema.json refuses bad values through Helm's own schema validation, naming the key;
+- values.yaml passes values.schema.json and bad values are refused by Helm's own schema validation, naming
+  the key;
+- the custom resources in examples/ validate against the generated CRDs (and the CRD schema does refuse);
 - kind-config.yaml maps the NodePorts the chart uses.
 
-Usage: check-manifests.py CHART PLANNED_YAML CRD_DIR KIND_CONFIG. Prints one line per check; exit 1 on failure.
+Usage: check-manifests.py CHART PLANNED_YAML CRD_DIR KIND_CONFIG EXAMPLES_DIR. Prints one line per check; exit 1 on failure.
 """
 
 import sys
@@ -85,7 +87,7 @@ def render(chart, values, release="outbox-operator", namespace="outbox"):
 
 
 def main():
-    chart_dir, planned, crd_dir, kind_config = sys.argv[1:5]
+    chart_dir, planned, crd_dir, kind_config, examples = sys.argv[1:6]
     crds = crd_validators(crd_dir)
     chart = helm_chart.Chart.load(chart_dir)
 
@@ -148,10 +150,18 @@ def main():
     else:
         ok(f"kind-config.yaml maps the chart's NodePorts {sorted(node_ports)}")
 
+    try:
+        chart.validate_schema(None)
+        ok("values.yaml passes values.schema.json")
+    except helm_errors.HelmError as e:
+        fail(f"values.yaml against values.schema.json: {e}")
     for bad, key in [
         ({"demo": {"api": {"nodePort": 8080}}}, "nodePort"),
         ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
         ({"operator": {"logFormt": "json"}}, "logFormt"),
+        ({"operator": {"replicas": 2}}, "replicas"),
+        ({"demo": {"postgres": {"password": "short"}}}, "password"),
+        ({"demo": {"relay": {"replicas": 0}}}, "replicas"),
     ]:
         try:
             chart.validate_schema(bad)
@@ -161,6 +171,17 @@ def main():
                 ok(f"values {bad} refused: {' '.join(str(e).split())[:140]}")
             else:
                 fail(f"values {bad} refused without naming {key}: {e}")
+
+    example_docs = [yaml.safe_load(f.read_text()) for f in sorted(Path(examples).glob("*.yaml"))]
+    kinds = validate_docs(example_docs, crds, "examples")
+    if sorted(kinds) != ["ConsumerGroup", "ConsumerGroup", "OutboxRelay"]:
+        fail(f"examples/ holds {kinds}")
+    no_kafka = {"apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay", "metadata": {"name": "x"},
+                "spec": {"database": {"secretRef": {"name": "db", "key": "url"}}}}
+    if crds["OutboxRelay"].is_valid(no_kafka):
+        fail("the OutboxRelay CRD accepts a relay without spec.kafka")
+    else:
+        ok("the OutboxRelay CRD refuses a relay without spec.kafka")
 
     planned_docs = [d for d in yaml.safe_load_all(Path(planned).read_text()) if d]
     kinds = validate_docs(planned_docs, crds, "operator")

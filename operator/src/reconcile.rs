@@ -58,6 +58,9 @@ pub enum Error {
     /// A referenced Secret is missing or unusable.
     #[error("{0}")]
     Secret(String),
+    /// The spec cannot be acted on (the message names the field).
+    #[error("{0}")]
+    Spec(#[from] plan::SpecError),
 }
 
 impl Error {
@@ -67,6 +70,7 @@ impl Error {
             Error::Kube(_) => "KubeApi",
             Error::Kafka(_) => "KafkaError",
             Error::Secret(_) => "SecretError",
+            Error::Spec(_) => "InvalidSpec",
         }
     }
 }
@@ -576,8 +580,8 @@ async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<Action, Err
         .await;
     }
 
-    let children = plan::desired_consumer(cg, plan.effective_replicas)
-        .map_err(|e| Error::Secret(e.to_string()))?;
+    // Validated above, before any topic was touched.
+    let children = plan::desired_consumer(cg, plan.effective_replicas)?;
     let dep = apply_deployment(ctx, cg, &ns, &children.deployment).await?;
     apply(&ctx.client, &ns, &children.service).await?;
     match &children.pdb {

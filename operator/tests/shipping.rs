@@ -1,15 +1,13 @@
-//! What ships to Kubernetes, checked as far as a machine without Docker, helm or an API server allows:
-//! the chart's CRDs are the generated ones, values.yaml obeys values.schema.json (and bad values are
-//! refused with a message), the examples are valid resources, the operator's objects survive a round trip
-//! through the Kubernetes API types without losing a field, and the Dockerfile builds exactly the
-//! workspace's deployable binaries under the image names the chart uses.
+//! What ships to Kubernetes, the Rust side: the chart's CRDs are the generated ones, the examples lose no
+//! field through the CRD types, and the Dockerfile builds exactly the workspace's deployable binaries under
+//! the image names the chart uses. Rendering the chart, the values schema and validation against the
+//! Kubernetes schemas are `make check-manifests` (scripts/check-manifests.py, with Helm's own library).
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 
 use operator::crd::{crd_files, ConsumerGroup, OutboxRelay};
-use operator::plan::{desired_consumer, desired_relay, Defaults};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 fn root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -36,61 +34,6 @@ fn the_charts_crds_are_the_generated_ones() {
         );
         assert_eq!(read(&format!("crds/{name}")), generated);
     }
-}
-
-fn values_validator() -> jsonschema::Validator {
-    let schema: Value =
-        serde_json::from_str(&read("charts/outbox-operator/values.schema.json")).unwrap();
-    jsonschema::validator_for(&schema).expect("values.schema.json is a valid JSON Schema")
-}
-
-fn errors(v: &jsonschema::Validator, values: &Value) -> Vec<String> {
-    v.iter_errors(values)
-        .map(|e| format!("{}: {}", e.instance_path(), e))
-        .collect()
-}
-
-#[test]
-fn values_yaml_obeys_its_schema_and_bad_values_are_refused() {
-    let v = values_validator();
-    let values = yaml(&read("charts/outbox-operator/values.yaml"));
-    assert_eq!(errors(&v, &values), Vec::<String>::new());
-    let mut demo = values.clone();
-    demo["demo"]["enabled"] = json!(true);
-    demo["demo"]["kafkaUi"]["enabled"] = json!(true);
-    assert!(v.is_valid(&demo));
-
-    let bad = |path: &[&str], value: Value| {
-        let mut x = values.clone();
-        let mut cur = &mut x;
-        for p in &path[..path.len() - 1] {
-            cur = &mut cur[*p];
-        }
-        cur[path[path.len() - 1]] = value;
-        errors(&v, &x)
-    };
-    let e = bad(&["demo", "api", "nodePort"], json!(8080));
-    assert!(
-        e.iter()
-            .any(|m| m.contains("/demo/api/nodePort") && m.contains("30000")),
-        "{e:?}"
-    );
-    let e = bad(&["image", "pullPolicy"], json!("Sometimes"));
-    assert!(e.iter().any(|m| m.contains("/image/pullPolicy")), "{e:?}");
-    let e = bad(&["operator", "replicas"], json!(2));
-    assert!(e.iter().any(|m| m.contains("/operator/replicas")), "{e:?}");
-    let e = bad(&["demo", "postgres", "password"], json!("short"));
-    assert!(
-        e.iter().any(|m| m.contains("/demo/postgres/password")),
-        "{e:?}"
-    );
-    let e = bad(&["demo", "relay", "replicas"], json!(0));
-    assert!(!e.is_empty());
-    let e = bad(&["operator", "logFormt"], json!("json"));
-    assert!(
-        e.iter().any(|m| m.contains("logFormt")),
-        "a typo is refused: {e:?}"
-    );
 }
 
 /// Every field of `original` is still in `round_tripped` (nothing unknown was dropped).
@@ -124,31 +67,13 @@ fn round_trip<K: serde::de::DeserializeOwned + serde::Serialize>(doc: &Value) ->
     out
 }
 
-fn crd_schema(kind: &str) -> jsonschema::Validator {
-    let file = crd_files()
-        .into_iter()
-        .find(|(n, _)| n.starts_with(&format!("{}s.", kind.to_lowercase())))
-        .unwrap()
-        .1;
-    let crd = yaml(&file);
-    let schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"].clone();
-    jsonschema::validator_for(&schema).unwrap()
-}
-
 #[test]
-fn the_examples_are_valid_resources() {
+fn the_examples_lose_no_field_through_the_crd_types() {
     let mut seen = 0;
     for entry in std::fs::read_dir(root().join("examples")).unwrap() {
         let path = entry.unwrap().path();
         let doc = yaml(&std::fs::read_to_string(&path).unwrap());
         let kind = doc["kind"].as_str().unwrap().to_owned();
-        let schema = crd_schema(&kind);
-        assert_eq!(
-            errors(&schema, &doc),
-            Vec::<String>::new(),
-            "{}",
-            path.display()
-        );
         let dropped = match kind.as_str() {
             "OutboxRelay" => round_trip::<OutboxRelay>(&doc),
             "ConsumerGroup" => round_trip::<ConsumerGroup>(&doc),
@@ -162,43 +87,6 @@ fn the_examples_are_valid_resources() {
         seen += 1;
     }
     assert_eq!(seen, 3);
-    // And the schema does refuse things: a relay without kafka.
-    let bad = json!({"apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay", "metadata": {"name": "x"},
-        "spec": {"database": {"secretRef": {"name": "db", "key": "url"}}}});
-    assert!(!crd_schema("OutboxRelay").is_valid(&bad));
-}
-
-#[test]
-fn the_operators_objects_survive_the_kubernetes_api_types() {
-    use k8s_openapi::api::apps::v1::Deployment;
-    use k8s_openapi::api::core::v1::{Service, ServiceAccount};
-    use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-    fn check<K: serde::de::DeserializeOwned + serde::Serialize>(obj: &K) {
-        let v = serde_json::to_value(obj).unwrap();
-        assert!(v["apiVersion"].is_string() && v["kind"].is_string(), "{v}");
-        assert_eq!(round_trip::<K>(&v), Vec::<String>::new());
-    }
-    let relay: OutboxRelay = serde_norway::from_str(&read("examples/outboxrelay.yaml")).unwrap();
-    let c = desired_relay(
-        &relay,
-        &Defaults {
-            relay_image: "r:1".into(),
-        },
-    )
-    .unwrap();
-    check::<ServiceAccount>(&c.service_account);
-    check::<Role>(&c.role);
-    check::<RoleBinding>(&c.role_binding);
-    check::<Deployment>(&c.deployment);
-    check::<Service>(&c.service);
-    check::<PodDisruptionBudget>(c.pdb.as_ref().unwrap());
-    let group: ConsumerGroup =
-        serde_norway::from_str(&read("examples/consumergroup-pharmacy.yaml")).unwrap();
-    let g = desired_consumer(&group, 2).unwrap();
-    check::<Deployment>(&g.deployment);
-    check::<Service>(&g.service);
-    check::<PodDisruptionBudget>(g.pdb.as_ref().unwrap());
 }
 
 #[test]
