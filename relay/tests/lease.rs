@@ -241,14 +241,20 @@ async fn two_lease_relays_sigkill_the_leader_the_standby_publishes_after_expiry_
         "B wrote its epoch to the fence"
     );
 
-    // A deposed leader that resumes with the old epoch cannot commit a batch.
+    // A deposed leader that resumes with the old epoch cannot commit a batch. B is stopped first so the
+    // event given to the old epoch cannot be published by B meanwhile (the ledger stays exact).
+    sigkill(&mut b);
     insert_events(&db.pool, 1, 1, 9_000).await;
     let old = in_process(&db.pool, config(), kafka(mock.bootstrap_servers()));
     match old.relay.run_batch(Some(old_epoch)).await {
         Err(StoreError::Fenced(f)) => println!("old epoch refused: {f}"),
         other => panic!("old epoch must be fenced, got {other:?}"),
     }
-    sigkill(&mut b);
+    assert_eq!(
+        count(&db.pool, "outbox.events").await,
+        1,
+        "the fenced batch left its event pending"
+    );
 
     let ledger = check_order(&read(&mock.bootstrap_servers(), TOPIC));
     assert_eq!(ledger.distinct, 4_000, "nothing lost across the failover");
