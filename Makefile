@@ -16,6 +16,7 @@ test: setup lint
 # against the Kubernetes OpenAPI schemas; see scripts/check-manifests.py.
 CACHE ?= $(or $(OUTBOX_CACHE),$(HOME)/.cache/outbox-operator)
 check-manifests: setup
+	@mkdir -p target
 	cargo run -q --locked -p operator --example plan_objects > target/planned-objects.yaml
 	$(CACHE)/manifests-venv/bin/python scripts/check-manifests.py charts/outbox-operator target/planned-objects.yaml crds kind-config.yaml examples
 

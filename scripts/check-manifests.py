@@ -121,6 +121,9 @@ def main():
     }
     if env.get("OPERATOR_RELAY_IMAGE") != "ghcr.io/outbox-operator/outbox-relay:0.1.0":
         fail(f"relay image passed to the operator: {env.get('OPERATOR_RELAY_IMAGE')}")
+    strategies = {d["spec"].get("strategy", {}).get("type") for d in docs if d["kind"] == "Deployment"}
+    if strategies != {"Recreate"}:
+        fail(f"operator Deployment strategy {strategies}: two operators without leader election would overlap")
     if not any(p.endswith("NOTES.txt") for p in manifests):
         fail("NOTES.txt not rendered")
 

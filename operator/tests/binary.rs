@@ -1,10 +1,12 @@
 //! The `outbox-operator` binary: configuration errors exit 2 with one line; against a (fake) API server it
-//! serves /healthz, /readyz and /metrics and reconciles what it lists.
+//! serves /healthz, /readyz and /metrics, reconciles what it lists, and follows changes through its watches.
 
 mod common;
 
 use std::time::Duration;
 
+use k8s_openapi::api::apps::v1::Deployment;
+use kube::api::{Patch, PatchParams};
 use kube::Api;
 use operator::crd::OutboxRelay;
 use serde_json::json;
@@ -30,7 +32,7 @@ async fn no_kubernetes_configuration_exits_2_naming_it() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn serves_probes_and_metrics_and_reconciles_listed_resources() {
+async fn serves_probes_and_metrics_and_follows_changes() {
     let client = common::with_crds(kube_fake_client::ClientBuilder::new())
         .build()
         .await
@@ -77,16 +79,47 @@ async fn serves_probes_and_metrics_and_reconciles_listed_resources() {
     .await;
     assert!(body.contains("\"ready\":true"), "{body}");
     // The controller lists the relay and reconciles it: its Deployment appears.
+    let deployments = Api::<Deployment>::namespaced(client.clone(), "default");
+    let replicas = |want: i32| {
+        let deployments = deployments.clone();
+        move || {
+            let deployments = deployments.clone();
+            async move {
+                let d = deployments.get_opt("orders-relay").await.ok().flatten()?;
+                (d.spec?.replicas == Some(want)).then_some(())
+            }
+        }
+    };
     wait_for(
         "the relay's Deployment",
         Duration::from_secs(30),
-        || async {
-            Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), "default")
-                .get_opt("orders-relay")
-                .await
-                .ok()
-                .flatten()
-        },
+        replicas(2),
+    )
+    .await;
+    // Watches drive it from here (the fake server streams changes): a spec change reaches the Deployment, and
+    // a deleted Deployment (an owned object) is recreated — both well before the 30 s periodic requeue.
+    Api::<OutboxRelay>::namespaced(client.clone(), "default")
+        .patch(
+            "orders",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .unwrap();
+    wait_for(
+        "replicas 3 after the spec change",
+        Duration::from_secs(10),
+        replicas(3),
+    )
+    .await;
+    deployments
+        .delete("orders-relay", &Default::default())
+        .await
+        .unwrap();
+    wait_for(
+        "the deleted Deployment recreated",
+        Duration::from_secs(10),
+        replicas(3),
     )
     .await;
     let (_, metrics) = get("/metrics").await.unwrap();

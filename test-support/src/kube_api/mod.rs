@@ -1,6 +1,9 @@
 //! A Kubernetes API server for tests: kube-fake-client's in-memory store (resourceVersion conflicts,
 //! status subresource, server-side apply) served over HTTP on a loopback port, so that separate processes
-//! — relays killed with SIGKILL — share one Lease. No API server runs on the machines this project tests on.
+//! — relays killed with SIGKILL — share one Lease — and a controller's watches receive events ([`watch`]).
+//! No API server runs on the machines this project tests on.
+
+pub mod watch;
 
 use std::path::{Path, PathBuf};
 
@@ -71,6 +74,9 @@ impl Drop for FakeApiServer {
 }
 
 async fn forward(State(client): State<kube::Client>, req: Request) -> Response {
+    if let Some(w) = watch::watch_request(req.uri()) {
+        return watch::serve(client, w).await.unwrap_or_else(|e| e);
+    }
     let (parts, body) = req.into_parts();
     let bytes = match body.collect().await {
         Ok(b) => b.to_bytes().to_vec(),
@@ -85,19 +91,20 @@ async fn forward(State(client): State<kube::Client>, req: Request) -> Response {
                 Err(e) => status(500, e.to_string()),
             }
         }
-        Err(kube::Error::Api(s)) => {
-            let code = s.code;
-            let body = serde_json::json!({
-                "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": s.message, "reason": s.reason, "code": code,
-            });
-            let mut r = Response::new(Body::from(body.to_string()));
-            *r.status_mut() = axum::http::StatusCode::from_u16(code)
-                .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-            r
-        }
-        Err(e) => status(500, e.to_string()),
+        Err(e) => error_response(e),
     }
+}
+
+/// An API error as the `Status` object a real API server sends; other errors as a plain 500.
+fn error_response(e: kube::Error) -> Response {
+    let kube::Error::Api(s) = e else {
+        return status(500, e.to_string());
+    };
+    let body = serde_json::json!({
+        "kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "message": s.message, "reason": s.reason, "code": s.code,
+    });
+    status(s.code, body.to_string())
 }
 
 fn status(code: u16, message: String) -> Response {
