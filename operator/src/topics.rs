@@ -3,7 +3,7 @@
 //! for tests and for the paths no broker available to the tests implements, such as CreatePartitions).
 
 use std::collections::BTreeMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::future::BoxFuture;
@@ -148,7 +148,7 @@ pub trait TopicAdmin: Send + Sync {
 
 /// [`TopicAdmin`] on librdkafka's AdminClient.
 pub struct KafkaAdmin {
-    admin: AdminClient<DefaultClientContext>,
+    admin: Arc<AdminClient<DefaultClientContext>>,
     config: ClientConfig,
     timeout: Duration,
 }
@@ -163,7 +163,7 @@ impl KafkaAdmin {
         }
         let admin = config.create().map_err(|e| AdminError(e.to_string()))?;
         Ok(Self {
-            admin,
+            admin: Arc::new(admin),
             config,
             timeout: Duration::from_secs(10),
         })
@@ -213,12 +213,15 @@ impl TopicAdmin for KafkaAdmin {
         &'a self,
         names: &'a [String],
     ) -> BoxFuture<'a, Result<BTreeMap<String, i32>, AdminError>> {
+        let (admin, timeout) = (self.admin.clone(), self.timeout);
         Box::pin(async move {
-            let md = self
-                .admin
-                .inner()
-                .fetch_metadata(None, self.timeout)
-                .map_err(|e| AdminError(e.to_string()))?;
+            // fetch_metadata blocks for up to the timeout: on an async worker, an unreachable broker would
+            // stall every other reconcile (seen: 50 groups on a dead broker held back all relays).
+            let md =
+                tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
+                    .await
+                    .map_err(|e| AdminError(e.to_string()))?
+                    .map_err(|e| AdminError(e.to_string()))?;
             Ok(md
                 .topics()
                 .iter()

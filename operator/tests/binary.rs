@@ -8,7 +8,7 @@ use std::time::Duration;
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::api::{Patch, PatchParams};
 use kube::Api;
-use operator::crd::OutboxRelay;
+use operator::crd::{ConsumerGroup, OutboxRelay};
 use serde_json::json;
 use test_support::kube_api::FakeApiServer;
 use test_support::{free_port, wait_for};
@@ -54,6 +54,7 @@ async fn serves_probes_and_metrics_and_follows_changes() {
         .env("KUBECONFIG", server.kubeconfig())
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env("RUST_LOG", "error")
+        .env("TOKIO_WORKER_THREADS", "2")
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -96,8 +97,25 @@ async fn serves_probes_and_metrics_and_follows_changes() {
         replicas(2),
     )
     .await;
+    // Four ConsumerGroups whose broker does not answer: their topic calls wait out a 10 s timeout, and must
+    // not hold up the runtime's two workers (TOKIO_WORKER_THREADS below) while the relay needs them.
+    for i in 0..4 {
+        let g: ConsumerGroup = serde_json::from_value(json!({
+            "apiVersion": "outbox.dev/v1alpha1", "kind": "ConsumerGroup",
+            "metadata": {"name": format!("g{i}"), "namespace": "default"},
+            "spec": {"groupId": format!("g{i}"), "image": "c:1", "kafka": {"bootstrap": "127.0.0.1:1"},
+                "database": {"secretRef": {"name": "db", "key": "url"}}, "topics": [{"name": "t", "partitions": 1}]}
+        }))
+        .unwrap();
+        Api::<ConsumerGroup>::namespaced(client.clone(), "default")
+            .create(&Default::default(), &g)
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
     // Watches drive it from here (the fake server streams changes): a spec change reaches the Deployment, and
-    // a deleted Deployment (an owned object) is recreated — both well before the 30 s periodic requeue.
+    // a deleted Deployment (an owned object) is recreated — both well before the 30 s periodic requeue and
+    // the groups' 10 s broker timeout.
     Api::<OutboxRelay>::namespaced(client.clone(), "default")
         .patch(
             "orders",
@@ -108,7 +126,7 @@ async fn serves_probes_and_metrics_and_follows_changes() {
         .unwrap();
     wait_for(
         "replicas 3 after the spec change",
-        Duration::from_secs(10),
+        Duration::from_secs(5),
         replicas(3),
     )
     .await;
@@ -118,7 +136,7 @@ async fn serves_probes_and_metrics_and_follows_changes() {
         .unwrap();
     wait_for(
         "the deleted Deployment recreated",
-        Duration::from_secs(10),
+        Duration::from_secs(5),
         replicas(3),
     )
     .await;

@@ -12,8 +12,12 @@ use axum::http::Uri;
 use axum::response::Response;
 use serde_json::{json, Value};
 
-/// How often a watch lists the store.
+/// How often a watch lists the store, at the most. A watch waits [`POLL_SHARE`] times as long as its last
+/// list took before listing again, so that many watches over a big store leave the writes room.
 pub const POLL: Duration = Duration::from_millis(100);
+
+/// A watch's lists may take at most one part in this many of its time.
+const POLL_SHARE: u32 = 20;
 
 /// Query keys of a watch that a list must not see.
 const WATCH_ONLY_KEYS: [&str; 6] = [
@@ -127,6 +131,7 @@ pub async fn serve(client: kube::Client, req: WatchRequest) -> Result<Response, 
         let mut known = Known::default();
         let mut items = first;
         let mut since = Some(req.since);
+        let mut list_took = Duration::ZERO;
         loop {
             for event in known.update(items, since.take()) {
                 if tx.send(Bytes::from(format!("{event}\n"))).await.is_err() {
@@ -134,13 +139,16 @@ pub async fn serve(client: kube::Client, req: WatchRequest) -> Result<Response, 
                 }
             }
             tokio::select! {
-                _ = tokio::time::sleep(POLL) => {}
+                _ = tokio::time::sleep(POLL.max(list_took * POLL_SHARE)) => {}
                 _ = tx.closed() => return,
             }
             if tokio::time::Instant::now() >= deadline {
                 return;
             }
-            items = match list(&client, &req.list_uri).await {
+            let listing = tokio::time::Instant::now();
+            let listed = list(&client, &req.list_uri).await;
+            list_took = listing.elapsed();
+            items = match listed {
                 Ok(items) => items,
                 Err(_) => return,
             };
