@@ -98,7 +98,7 @@ async fn serves_probes_and_metrics_and_follows_changes() {
     )
     .await;
     // Four ConsumerGroups whose broker does not answer: their topic calls wait out a 10 s timeout, and must
-    // not hold up the runtime's two workers (TOKIO_WORKER_THREADS below) while the relay needs them.
+    // not hold up the runtime's two workers (TOKIO_WORKER_THREADS, set at spawn) while the relay needs them.
     for i in 0..4 {
         let g: ConsumerGroup = serde_json::from_value(json!({
             "apiVersion": "outbox.dev/v1alpha1", "kind": "ConsumerGroup",
