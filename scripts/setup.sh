@@ -3,11 +3,15 @@
 #   - PostgreSQL server binaries from Debian packages (no system cluster is created or used),
 #   - tansu 0.6 (Kafka-protocol broker with admin APIs) under $OUTBOX_CACHE,
 #   - a Python venv under $OUTBOX_CACHE with Helm's library (helm-python-sdk) and kubernetes-validate, for
-#     `make check-manifests` (render the chart, validate manifests against the Kubernetes schemas).
+#     `make check-manifests` (render the chart, validate manifests against the Kubernetes schemas),
+#   - a Kubernetes control plane for tests (etcd, kube-apiserver, kube-controller-manager v$K8S_VERSION):
+#     taken from $KUBEBUILDER_ASSETS when it holds all three, else unpacked once from the CI bundle
+#     ($OUTBOX_K8S_BUNDLE, default ../shared/k8s beside the clone) into $OUTBOX_CACHE/k8s-v$K8S_VERSION.
 set -euo pipefail
 
 CACHE="${OUTBOX_CACHE:-$HOME/.cache/outbox-operator}"
 TANSU_VERSION=0.6.0
+K8S_VERSION=1.36.2
 mkdir -p "$CACHE"
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -47,4 +51,42 @@ if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$MANIFEST_TOOLS" ]; then
   echo "$MANIFEST_TOOLS" > "$VENV/.installed"
 fi
 
-echo "setup: PostgreSQL $(ls -d /usr/lib/postgresql/*/ | xargs -n1 basename | sort -n | tail -1), tansu $TANSU_VERSION ready"
+# The control plane the Kubernetes tests start (test-support's `kube` module reads the same places).
+K8S_DIR="$CACHE/k8s-v$K8S_VERSION"
+k8s_complete() { [ -x "$1/kube-apiserver" ] && [ -x "$1/kube-controller-manager" ] && [ -x "$1/etcd" ]; }
+if [ -n "${KUBEBUILDER_ASSETS:-}" ] && k8s_complete "$KUBEBUILDER_ASSETS"; then
+  K8S_FROM="\$KUBEBUILDER_ASSETS"
+elif k8s_complete "$K8S_DIR"; then
+  K8S_FROM="$K8S_DIR"
+else
+  BUNDLE="${OUTBOX_K8S_BUNDLE:-$(cd "$(dirname "$0")/.." && pwd)/../shared/k8s}"
+  declare -A K8S_SHA256=(
+    [kube-apiserver]=91f44158c4019a46accc008154fd293d587b2fa24b1d5d51f8312a22e7ca4959
+    [kube-controller-manager]=5b7974c143b4161097d1d4d707e83f630c54571e9860ee2e986f2b97aabbffe5
+    [mini-etcd]=9f659a6d23bcc25882a7904301200e411c640c872f96283dbb00a1587c9a1c96
+  )
+  for name in kube-apiserver kube-controller-manager mini-etcd; do
+    if [ ! -f "$BUNDLE/$name.xz" ]; then
+      cat >&2 <<MSG
+setup: no Kubernetes control plane for the tests. Provide one of:
+  - KUBEBUILDER_ASSETS=DIR holding etcd, kube-apiserver and kube-controller-manager v$K8S_VERSION
+    (official release binaries from dl.k8s.io/v$K8S_VERSION/bin/linux/amd64/, or \`setup-envtest use $K8S_VERSION\`
+    plus kube-controller-manager from the same release), or
+  - OUTBOX_K8S_BUNDLE=DIR holding kube-apiserver.xz, kube-controller-manager.xz and mini-etcd.xz.
+  Looked for $BUNDLE/$name.xz.
+MSG
+      exit 1
+    fi
+    echo "${K8S_SHA256[$name]}  $BUNDLE/$name.xz" | sha256sum --quiet -c - ||
+      { echo "setup: $BUNDLE/$name.xz does not match its sha256" >&2; exit 1; }
+  done
+  echo "setup: unpacking the Kubernetes v$K8S_VERSION control plane into $K8S_DIR"
+  mkdir -p "$K8S_DIR"
+  for name in kube-apiserver kube-controller-manager mini-etcd; do
+    target="$K8S_DIR/${name/mini-etcd/etcd}"
+    xz -dc "$BUNDLE/$name.xz" > "$target.part" && chmod +x "$target.part" && mv "$target.part" "$target"
+  done
+  K8S_FROM="$K8S_DIR"
+fi
+
+echo "setup: PostgreSQL $(ls -d /usr/lib/postgresql/*/ | xargs -n1 basename | sort -n | tail -1), tansu $TANSU_VERSION, Kubernetes control plane from $K8S_FROM ready"

@@ -1,5 +1,5 @@
-//! Figure: resident memory of the `outbox-operator` binary serving 100 custom resources from a fake API
-//! server (kube-fake-client over loopback HTTP). Run: `cargo run --release -p operator --example operator_rss`
+//! Figure: resident memory of the `outbox-operator` binary serving 100 custom resources on the test bed's
+//! real control plane (kube-apiserver, kube-controller-manager, etcd on loopback; `make setup` unpacks them). Run: `cargo run --release -p operator --example operator_rss`
 //! after `cargo build --release -p operator`.
 
 #[path = "../tests/common/mod.rs"]
@@ -11,13 +11,13 @@ use k8s_openapi::api::apps::v1::Deployment;
 use kube::Api;
 use operator::crd::{ConsumerGroup, OutboxRelay};
 use serde_json::json;
-use test_support::kube_api::FakeApiServer;
+use test_support::control_plane;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let client = common::with_crds(kube_fake_client::ClientBuilder::new())
-        .build()
-        .await?;
+    let plane = common::plane();
+    let client = plane.client().await;
+    common::install_crds(&client).await;
     for i in 0..50 {
         let r: OutboxRelay = serde_json::from_value(json!({
             "apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay",
@@ -37,7 +37,7 @@ async fn main() -> anyhow::Result<()> {
             .create(&Default::default(), &g)
             .await?;
     }
-    let server = FakeApiServer::start(client.clone()).await?;
+
     let bin = std::env::current_exe()?
         .parent()
         .and_then(|p| p.parent())
@@ -45,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
         .ok_or_else(|| anyhow::anyhow!("no target dir"))?;
     let mut child = tokio::process::Command::new(&bin)
         .args(["--http-addr", "127.0.0.1:0"])
-        .env("KUBECONFIG", server.kubeconfig())
+        .env("KUBECONFIG", plane.kubeconfig())
         .env(
             "RUST_LOG",
             std::env::var("RUST_LOG").unwrap_or("error".into()),
@@ -82,8 +82,9 @@ async fn main() -> anyhow::Result<()> {
         .find(|l| l.starts_with("VmHWM:"))
         .unwrap_or("VmHWM: ?");
     println!(
-        "outbox-operator with 100 CRs on the fake API server: 50 relay Deployments after {:.1} s; \
+        "outbox-operator with 100 CRs on kube-apiserver {}: 50 relay Deployments after {:.1} s; \
          10 s later {rss}, peak {hwm}",
+        control_plane::KUBERNETES_VERSION,
         reconciled.as_secs_f64()
     );
     child.kill().await?;

@@ -318,7 +318,45 @@ fn previous_conditions(status: Option<&[Condition]>) -> Vec<Condition> {
 
 /// Reconciles one OutboxRelay.
 pub async fn reconcile_relay(obr: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
-    instrumented(obr.as_ref(), &ctx, relay_inner(&obr, &ctx)).await
+    let result = instrumented(obr.as_ref(), &ctx, relay_inner(&obr, &ctx)).await;
+    if let Err(e) = &result {
+        let previous = obr.status.as_ref().map(|s| s.conditions.as_slice());
+        surface_forbidden(obr.as_ref(), previous, &ctx, e).await;
+    }
+    result
+}
+
+/// A request the API server refused for want of RBAC rights cannot succeed on retry: it becomes
+/// `Ready=False`/`Stalled=True` with reason `Forbidden` and the server's message (which names the verb,
+/// resource and namespace), and a Warning event — so a role that lacks a verb shows on the resource.
+async fn surface_forbidden<K: Namespaced>(
+    obj: &K,
+    previous: Option<&[Condition]>,
+    ctx: &Context,
+    err: &Error,
+) {
+    let Error::Kube(kube::Error::Api(status)) = err else {
+        return;
+    };
+    if status.code != 403 {
+        return;
+    }
+    let health = Health::Stalled {
+        reason: "Forbidden".into(),
+        message: status.message.clone(),
+    };
+    let c = conditions::compute(
+        &previous_conditions(previous),
+        &health,
+        obj.meta().generation,
+        Timestamp::now(),
+    );
+    // Best effort: the status itself may be what is forbidden; the event and the log still say it.
+    if let Err(e) = patch_status(&ctx.client, obj, json!({ "conditions": c })).await {
+        tracing::warn!("cannot write the Forbidden condition: {e}");
+    }
+    ctx.event(obj, true, "Forbidden", status.message.clone())
+        .await;
 }
 
 async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Action, Error> {
@@ -426,7 +464,12 @@ pub async fn reconcile_consumer(
     cg: Arc<ConsumerGroup>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
-    instrumented(cg.as_ref(), &ctx, consumer_inner(&cg, &ctx)).await
+    let result = instrumented(cg.as_ref(), &ctx, consumer_inner(&cg, &ctx)).await;
+    if let Err(e) = &result {
+        let previous = cg.status.as_ref().map(|s| s.conditions.as_slice());
+        surface_forbidden(cg.as_ref(), previous, &ctx, e).await;
+    }
+    result
 }
 
 fn wants_finalizer(cg: &ConsumerGroup) -> bool {

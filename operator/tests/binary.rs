@@ -1,5 +1,6 @@
-//! The `outbox-operator` binary: configuration errors exit 2 with one line; against a (fake) API server it
-//! serves /healthz, /readyz and /metrics, reconciles what it lists, and follows changes through its watches.
+//! The `outbox-operator` binary: configuration errors exit 2 with one line; against the real control plane
+//! of the test bed, as its ServiceAccount under the chart's ClusterRole, it serves /healthz, /readyz and
+//! /metrics, reconciles what it lists, and follows changes through its watches.
 
 mod common;
 
@@ -10,7 +11,6 @@ use kube::api::{Patch, PatchParams};
 use kube::Api;
 use operator::crd::{ConsumerGroup, OutboxRelay};
 use serde_json::json;
-use test_support::kube_api::FakeApiServer;
 use test_support::{free_port, wait_for};
 
 #[tokio::test]
@@ -33,25 +33,30 @@ async fn no_kubernetes_configuration_exits_2_naming_it() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_probes_and_metrics_and_follows_changes() {
-    let client = common::with_crds(kube_fake_client::ClientBuilder::new())
-        .build()
+    let plane = common::plane();
+    let client = plane.client().await;
+    common::install_crds(&client).await;
+    let ns = plane.namespace("binary").await;
+    let sa = common::apply_chart_rbac(plane, "outbox-operator", |_| {}).await;
+    let kubeconfig = plane
+        .service_account(common::OPERATOR_NS, &sa)
         .await
-        .unwrap();
+        .unwrap()
+        .kubeconfig;
     let relay: OutboxRelay = serde_json::from_value(json!({
         "apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay",
-        "metadata": {"name": "orders", "namespace": "default"},
+        "metadata": {"name": "orders"},
         "spec": {"database": {"secretRef": {"name": "db", "key": "url"}}, "kafka": {"bootstrap": "127.0.0.1:1"}}
     }))
     .unwrap();
-    Api::<OutboxRelay>::namespaced(client.clone(), "default")
+    Api::<OutboxRelay>::namespaced(client.clone(), &ns)
         .create(&Default::default(), &relay)
         .await
         .unwrap();
-    let server = FakeApiServer::start(client.clone()).await.unwrap();
     let port = free_port();
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-operator"))
         .args(["--http-addr", &format!("127.0.0.1:{port}")])
-        .env("KUBECONFIG", server.kubeconfig())
+        .env("KUBECONFIG", &kubeconfig)
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env("RUST_LOG", "error")
         .env("TOKIO_WORKER_THREADS", "2")
@@ -80,7 +85,7 @@ async fn serves_probes_and_metrics_and_follows_changes() {
     .await;
     assert!(body.contains("\"ready\":true"), "{body}");
     // The controller lists the relay and reconciles it: its Deployment appears.
-    let deployments = Api::<Deployment>::namespaced(client.clone(), "default");
+    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
     let replicas = |want: i32| {
         let deployments = deployments.clone();
         move || {
@@ -102,21 +107,21 @@ async fn serves_probes_and_metrics_and_follows_changes() {
     for i in 0..4 {
         let g: ConsumerGroup = serde_json::from_value(json!({
             "apiVersion": "outbox.dev/v1alpha1", "kind": "ConsumerGroup",
-            "metadata": {"name": format!("g{i}"), "namespace": "default"},
+            "metadata": {"name": format!("g{i}")},
             "spec": {"groupId": format!("g{i}"), "image": "c:1", "kafka": {"bootstrap": "127.0.0.1:1"},
                 "database": {"secretRef": {"name": "db", "key": "url"}}, "topics": [{"name": "t", "partitions": 1}]}
         }))
         .unwrap();
-        Api::<ConsumerGroup>::namespaced(client.clone(), "default")
+        Api::<ConsumerGroup>::namespaced(client.clone(), &ns)
             .create(&Default::default(), &g)
             .await
             .unwrap();
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    // Watches drive it from here (the fake server streams changes): a spec change reaches the Deployment, and
+    // Watches drive it from here: a spec change reaches the Deployment, and
     // a deleted Deployment (an owned object) is recreated — both well before the 30 s periodic requeue and
     // the groups' 10 s broker timeout.
-    Api::<OutboxRelay>::namespaced(client.clone(), "default")
+    Api::<OutboxRelay>::namespaced(client.clone(), &ns)
         .patch(
             "orders",
             &PatchParams::default(),
@@ -130,6 +135,7 @@ async fn serves_probes_and_metrics_and_follows_changes() {
         replicas(3),
     )
     .await;
+    let old_uid = deployments.get("orders-relay").await.unwrap().metadata.uid;
     deployments
         .delete("orders-relay", &Default::default())
         .await
@@ -137,9 +143,48 @@ async fn serves_probes_and_metrics_and_follows_changes() {
     wait_for(
         "the deleted Deployment recreated",
         Duration::from_secs(5),
-        replicas(3),
+        || async {
+            let d = deployments.get_opt("orders-relay").await.ok().flatten()?;
+            (d.metadata.uid != old_uid && d.metadata.deletion_timestamp.is_none()).then_some(())
+        },
     )
     .await;
+    // The operator's status reaches the CR (observedGeneration of the spec change).
+    wait_for(
+        "status with observedGeneration 2",
+        Duration::from_secs(10),
+        || async {
+            let r = Api::<OutboxRelay>::namespaced(client.clone(), &ns)
+                .get("orders")
+                .await
+                .ok()?;
+            (r.status?.observed_generation == Some(2)).then_some(())
+        },
+    )
+    .await;
+    // Deleting the CR: the garbage collector removes what it owns.
+    Api::<OutboxRelay>::namespaced(client.clone(), &ns)
+        .delete("orders", &Default::default())
+        .await
+        .unwrap();
+    let deleted = std::time::Instant::now();
+    wait_for(
+        "the garbage collector to delete the relay's Deployment",
+        Duration::from_secs(20),
+        || async {
+            deployments
+                .get_opt("orders-relay")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+    )
+    .await;
+    println!(
+        "garbage collected {:?} after the OutboxRelay's deletion",
+        deleted.elapsed()
+    );
     let (_, metrics) = get("/metrics").await.unwrap();
     assert!(
         metrics.contains("outbox_operator_reconciles_total{kind=\"OutboxRelay\"}"),

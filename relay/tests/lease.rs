@@ -1,5 +1,6 @@
-//! Lease coordination against kube-fake-client: the Lease client's compare-and-swap, and two relay
-//! processes sharing one Lease (served over loopback HTTP) and one PostgreSQL — SIGKILL the leader.
+//! Lease coordination on a real kube-apiserver (the test bed's control plane): the Lease client's
+//! compare-and-swap, and two relay processes sharing one Lease and one PostgreSQL — SIGKILL the leader —
+//! under the Role the operator creates for relays, through a ServiceAccount token.
 
 mod common;
 
@@ -15,16 +16,15 @@ use relay::kube_lease::{LeaseClient, LeaseCoordinator};
 use relay::lease::{Read, Timings, Write, Written};
 use relay::metrics::Metrics;
 use relay::store::StoreError;
+use test_support::control_plane;
 use test_support::kafka::mock_cluster;
-use test_support::kube_api::FakeApiServer;
 use test_support::{free_port, wait_for};
 use tokio_util::sync::CancellationToken;
 
-async fn fake_client() -> kube::Client {
-    kube_fake_client::ClientBuilder::new()
-        .build()
-        .await
-        .unwrap()
+/// An admin client and a fresh namespace on the shared control plane.
+async fn real_client(prefix: &str) -> (kube::Client, String) {
+    let plane = control_plane::shared();
+    (plane.client().await, plane.namespace(prefix).await)
 }
 
 fn fast() -> Timings {
@@ -37,9 +37,9 @@ fn fast() -> Timings {
 
 #[tokio::test]
 async fn lease_writes_are_compare_and_swap() {
-    let client = fake_client().await;
-    let a = LeaseClient::new(client.clone(), "default", "relay", "a", Timings::default());
-    let b = LeaseClient::new(client.clone(), "default", "relay", "b", Timings::default());
+    let (client, ns) = real_client("lease-cas").await;
+    let a = LeaseClient::new(client.clone(), &ns, "relay", "a", Timings::default());
+    let b = LeaseClient::new(client.clone(), &ns, "relay", "b", Timings::default());
     assert_eq!(a.read().await, Read::Missing);
     let Written::Ok(rv1) = a.write(&Write::Create { transitions: 0 }).await else {
         panic!("create failed")
@@ -70,7 +70,7 @@ async fn lease_writes_are_compare_and_swap() {
         Written::Conflict,
         "a write with a stale resourceVersion is refused"
     );
-    let lease = Api::<Lease>::namespaced(client, "default")
+    let lease = Api::<Lease>::namespaced(client, &ns)
         .get("relay")
         .await
         .unwrap();
@@ -102,10 +102,10 @@ async fn a_coordinator_takes_the_epoch_above_a_fence_that_is_ahead_and_a_standby
         .take_fence(&db.pool, "default", "old", Some(7))
         .await
         .unwrap();
-    let client = fake_client().await;
+    let (client, ns) = real_client("lease-fence").await;
     let coordinator = |name: &str| {
         LeaseCoordinator::new(
-            LeaseClient::new(client.clone(), "default", "relay", name, fast()),
+            LeaseClient::new(client.clone(), &ns, "relay", name, fast()),
             db.pool.clone(),
             store.clone(),
             "default".into(),
@@ -147,9 +147,14 @@ async fn two_lease_relays_sigkill_the_leader_the_standby_publishes_after_expiry_
 ) {
     let db = migrated_db().await;
     let mock = mock_cluster(1, &[(TOPIC, 4)]);
-    let api = FakeApiServer::start(fake_client().await).await.unwrap();
-    let kubeconfig = api.kubeconfig().to_str().unwrap().to_owned();
-    let env = [("KUBECONFIG", kubeconfig.as_str())];
+    let (admin, ns) = real_client("lease-failover").await;
+    let access = relays_service_account(&admin, &ns, "orders").await;
+    let kubeconfig = access.kubeconfig.to_str().unwrap().to_owned();
+    // The relays find their namespace in the token's kubeconfig, as in a pod (POD_NAMESPACE there).
+    let env = [
+        ("KUBECONFIG", kubeconfig.as_str()),
+        ("RELAY_STATUS_RESOURCE", "orders"),
+    ];
     let lease_args = |id: &'static str| {
         vec![
             "--coordination",
@@ -225,7 +230,7 @@ async fn two_lease_relays_sigkill_the_leader_the_standby_publishes_after_expiry_
         "B waited a full lease duration of its own observation ({took_over:?})"
     );
 
-    let lease = Api::<Lease>::namespaced(api.client(), "default")
+    let lease = Api::<Lease>::namespaced(admin.clone(), &ns)
         .get("orders-relay")
         .await
         .unwrap()
@@ -260,6 +265,63 @@ async fn two_lease_relays_sigkill_the_leader_the_standby_publishes_after_expiry_
     assert_eq!(ledger.distinct, 4_000, "nothing lost across the failover");
 }
 
+/// What the operator creates for OutboxRelay `name` — the CR itself, its ServiceAccount, Role and
+/// RoleBinding — applied to `ns`, and a token for that ServiceAccount: the relays run with exactly the
+/// rights the operator gives them.
+async fn relays_service_account(
+    admin: &kube::Client,
+    ns: &str,
+    name: &str,
+) -> control_plane::ServiceAccountAccess {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    use kube::api::{Patch, PatchParams};
+    use operator::crd::OutboxRelay;
+    use serde_json::json;
+
+    install_relay_crd(admin).await;
+    let mut cr: OutboxRelay = serde_json::from_value(json!({
+        "apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay",
+        "metadata": {"name": name, "namespace": ns},
+        "spec": {"database": {"secretRef": {"name": "orders-db", "key": "url"}}, "kafka": {"bootstrap": "kafka:9092"}},
+    }))
+    .unwrap();
+    let ssa = PatchParams::apply("relay-tests").force();
+    cr = Api::<OutboxRelay>::namespaced(admin.clone(), ns)
+        .patch(name, &ssa, &Patch::Apply(&cr))
+        .await
+        .unwrap();
+    let children = operator::plan::desired_relay(
+        &cr,
+        &operator::plan::Defaults {
+            relay_image: "outbox-relay:test".into(),
+        },
+    )
+    .unwrap();
+    let sa_name = children.service_account.metadata.name.clone().unwrap();
+    let role_name = children.role.metadata.name.clone().unwrap();
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .patch(&role_name, &ssa, &Patch::Apply(&children.role))
+        .await
+        .unwrap();
+    Api::<RoleBinding>::namespaced(admin.clone(), ns)
+        .patch(&role_name, &ssa, &Patch::Apply(&children.role_binding))
+        .await
+        .unwrap();
+    control_plane::shared()
+        .service_account(ns, &sa_name)
+        .await
+        .unwrap()
+}
+
+/// Applies the generated OutboxRelay CRD (`crds/`) and waits until it is Established.
+async fn install_relay_crd(admin: &kube::Client) {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../crds/outboxrelays.outbox.dev.yaml");
+    control_plane::install_crd_yaml(admin, &std::fs::read_to_string(path).unwrap())
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn lease_timings_that_do_not_nest_exit_2_naming_the_flags() {
     let mut child = spawn_binary(
@@ -284,46 +346,19 @@ async fn lease_timings_that_do_not_nest_exit_2_naming_the_flags() {
     );
 }
 
-/// A stand-in for the operator's OutboxRelay: only what the fake API server needs to store one.
-#[derive(kube::CustomResource, Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-#[kube(
-    group = "outbox.dev",
-    version = "v1alpha1",
-    kind = "OutboxRelay",
-    namespaced,
-    status = "RelayStatus",
-    schema = "disabled",
-    derive = "Default"
-)]
-struct RelaySpec {
-    #[serde(default)]
-    replicas: i32,
-}
-
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-struct RelayStatus {
-    #[serde(flatten)]
-    fields: serde_json::Map<String, serde_json::Value>,
-}
-
 #[tokio::test]
 async fn the_leaders_status_report_sets_its_fields_and_keeps_the_operators() {
     use kube::api::{Patch, PatchParams};
-    let client = kube_fake_client::ClientBuilder::new()
-        .with_resource::<OutboxRelay>()
-        .with_status_subresource::<OutboxRelay>()
-        .build()
+    use operator::crd::OutboxRelay;
+    let (admin, ns) = real_client("status-report").await;
+    // Under the relay's own Role, as in a pod.
+    let access = relays_service_account(&admin, &ns, "orders").await;
+    let client = control_plane::client_from(&access.kubeconfig)
         .await
         .unwrap();
-    let typed: Api<OutboxRelay> = Api::namespaced(client.clone(), "default");
-    typed
-        .create(
-            &Default::default(),
-            &OutboxRelay::new("orders", RelaySpec::default()),
-        )
-        .await
-        .unwrap();
-    let conditions = serde_json::json!([{"type": "Ready", "status": "True"}]);
+    let typed: Api<OutboxRelay> = Api::namespaced(admin.clone(), &ns);
+    let conditions = serde_json::json!([{"type": "Ready", "status": "True", "reason": "Published",
+        "message": "", "lastTransitionTime": "2026-12-01T00:00:00Z"}]);
     typed
         .patch_status(
             "orders",
@@ -337,20 +372,33 @@ async fn the_leaders_status_report_sets_its_fields_and_keeps_the_operators() {
     metrics.oldest_pending_age_seconds.set(3.5);
     metrics.lease_transitions.set(7);
     relay::status::report(
-        &relay::status::api(client, "default"),
+        &relay::status::api(client.clone(), &ns),
         "orders",
         &metrics,
         "relay-a",
     )
     .await
     .unwrap();
-    let status = typed.get("orders").await.unwrap().status.unwrap().fields;
-    assert_eq!(status["backlog"], 42);
-    assert_eq!(status["oldestPendingAgeSeconds"], 3.5);
-    assert_eq!(status["leader"], "relay-a");
-    assert_eq!(status["leaseTransitions"], 7);
+    let status = typed.get("orders").await.unwrap().status.unwrap();
+    assert_eq!(status.backlog, Some(42));
+    assert_eq!(status.oldest_pending_age_seconds, Some(3.5));
+    assert_eq!(status.leader.as_deref(), Some("relay-a"));
+    assert_eq!(status.lease_transitions, Some(7));
     assert_eq!(
-        status["conditions"], conditions,
+        serde_json::to_value(&status.conditions).unwrap(),
+        conditions,
         "the operator's conditions stay"
     );
+    // The Role names this relay's resource only: another OutboxRelay's status is refused.
+    match relay::status::report(
+        &relay::status::api(client, &ns),
+        "payments",
+        &metrics,
+        "relay-a",
+    )
+    .await
+    {
+        Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
+        other => panic!("another relay's status must be forbidden, got {other:?}"),
+    }
 }

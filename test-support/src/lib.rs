@@ -1,10 +1,10 @@
 //! Real servers for tests and benchmarks, started on free loopback ports and torn down afterwards:
 //! a throwaway PostgreSQL cluster per process ([`pg`]), librdkafka's in-process mock cluster and a tansu
-//! broker ([`kafka`]). Nothing here touches a shared system database or a non-loopback address.
+//! broker ([`kafka`]), and a real Kubernetes control plane ([`control_plane`], feature `control-plane`). Nothing here touches a shared system database or a non-loopback address.
 
+#[cfg(feature = "control-plane")]
+pub mod control_plane;
 pub mod kafka;
-#[cfg(feature = "kube-api")]
-pub mod kube_api;
 pub mod pg;
 pub mod reaper;
 

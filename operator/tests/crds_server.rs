@@ -1,0 +1,223 @@
+//! The generated CRDs on a real kube-apiserver: accepted (inside the CEL cost budget) and Established,
+//! the examples accepted, every CEL rule refused by the server with its message, valid updates accepted.
+
+mod common;
+
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use operator::crd::{ConsumerGroup, OutboxRelay};
+use serde_json::{json, Value};
+use test_support::control_plane;
+
+/// Server-side apply as a user (`kubectl apply --server-side`) would.
+async fn apply<K>(api: &Api<K>, object: &Value) -> Result<K, kube::Error>
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let name = object["metadata"]["name"].as_str().unwrap();
+    api.patch(
+        name,
+        &PatchParams::apply("crd-test").force(),
+        &Patch::Apply(object),
+    )
+    .await
+}
+
+/// The refusal's message, or a panic when the server accepted the object.
+fn refused<K: std::fmt::Debug>(result: Result<K, kube::Error>) -> String {
+    match result {
+        Err(kube::Error::Api(status)) => {
+            assert_eq!(status.code, 422, "{status:?}");
+            status.message.clone()
+        }
+        other => panic!("the API server accepted what it should refuse: {other:?}"),
+    }
+}
+
+fn example(file: &str) -> Value {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+    serde_norway::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn both_crds_are_accepted_and_established() {
+    let plane = control_plane::shared();
+    let client = plane.client().await;
+    let established = common::install_crds(&client).await;
+    assert_eq!(
+        established,
+        ["consumergroups.outbox.dev", "outboxrelays.outbox.dev"]
+    );
+    // The chart's copies are the same files (the staleness test), so `helm install` sends these too.
+}
+
+#[tokio::test]
+async fn the_examples_are_accepted() {
+    let plane = control_plane::shared();
+    let client = plane.client().await;
+    common::install_crds(&client).await;
+    let ns = plane.namespace("examples").await;
+    let relays = Api::<OutboxRelay>::namespaced(client.clone(), &ns);
+    let relay = apply(&relays, &example("outboxrelay.yaml")).await.unwrap();
+    assert_eq!(relay.spec.coordination.lease_duration_seconds, 15);
+    let groups = Api::<ConsumerGroup>::namespaced(client, &ns);
+    for file in [
+        "consumergroup-pharmacy.yaml",
+        "consumergroup-notification.yaml",
+    ] {
+        let g = apply(&groups, &example(file)).await.unwrap();
+        assert_eq!(g.spec.topics[0].name, "orders", "{file}");
+    }
+}
+
+fn relay(name: &str, coordination: Value) -> Value {
+    json!({
+        "apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay",
+        "metadata": {"name": name},
+        "spec": {
+            "database": {"secretRef": {"name": "orders-db", "key": "url"}},
+            "kafka": {"bootstrap": "kafka:9092"},
+            "coordination": coordination,
+        },
+    })
+}
+
+#[tokio::test]
+async fn lease_timings_must_nest() {
+    let plane = control_plane::shared();
+    let client = plane.client().await;
+    common::install_crds(&client).await;
+    let ns = plane.namespace("lease-timings").await;
+    let api = Api::<OutboxRelay>::namespaced(client, &ns);
+    apply(&api, &relay("defaults", json!({}))).await.unwrap();
+    let message = refused(
+        apply(
+            &api,
+            &relay(
+                "equal",
+                json!({"leaseDurationSeconds": 10, "renewDeadlineSeconds": 10}),
+            ),
+        )
+        .await,
+    );
+    assert!(
+        message.contains("lease duration must exceed the renew deadline"),
+        "{message}"
+    );
+    assert!(message.contains("spec.coordination"), "{message}");
+    refused(
+        apply(
+            &api,
+            &relay(
+                "retry",
+                json!({"renewDeadlineSeconds": 2, "retryPeriodSeconds": 2}),
+            ),
+        )
+        .await,
+    );
+}
+
+fn group(group_id: &str, topics: &[(&str, i32)]) -> Value {
+    let topics: Vec<Value> = topics
+        .iter()
+        .map(|(n, p)| json!({"name": n, "partitions": p}))
+        .collect();
+    json!({
+        "apiVersion": "outbox.dev/v1alpha1", "kind": "ConsumerGroup",
+        "metadata": {"name": "pharmacy"},
+        "spec": {
+            "groupId": group_id, "image": "demo-consumer:dev", "replicas": 2,
+            "kafka": {"bootstrap": "kafka:9092"},
+            "database": {"secretRef": {"name": "db", "key": "url"}},
+            "topics": topics,
+        },
+    })
+}
+
+#[tokio::test]
+async fn group_id_is_immutable_topics_stay_and_partitions_never_decrease() {
+    let plane = control_plane::shared();
+    let client = plane.client().await;
+    common::install_crds(&client).await;
+    let ns = plane.namespace("cel-rules").await;
+    let api = Api::<ConsumerGroup>::namespaced(client, &ns);
+    apply(&api, &group("pharmacy", &[("orders", 6)]))
+        .await
+        .unwrap();
+
+    let message = refused(apply(&api, &group("pharmacy-2", &[("orders", 6)])).await);
+    assert!(message.contains("groupId is immutable"), "{message}");
+    assert!(message.contains("spec.groupId"), "{message}");
+    let message = refused(apply(&api, &group("pharmacy", &[("orders", 3)])).await);
+    assert!(message.contains("partitions never decrease"), "{message}");
+    assert!(message.contains("spec.topics[0]"), "{message}");
+    let message = refused(apply(&api, &group("pharmacy", &[("returns", 6)])).await);
+    assert!(
+        message.contains("topics cannot be removed or renamed"),
+        "{message}"
+    );
+
+    // More partitions and a new topic: accepted, and kept.
+    let updated = apply(&api, &group("pharmacy", &[("orders", 12), ("returns", 3)]))
+        .await
+        .unwrap();
+    let topics: Vec<(String, i32)> = updated
+        .spec
+        .topics
+        .iter()
+        .map(|t| (t.name.clone(), t.partitions))
+        .collect();
+    assert_eq!(topics, [("orders".into(), 12), ("returns".into(), 3)]);
+    // The new topic is under the rules too, from its first update on.
+    let message = refused(apply(&api, &group("pharmacy", &[("orders", 12), ("returns", 1)])).await);
+    assert!(message.contains("partitions never decrease"), "{message}");
+}
+
+#[tokio::test]
+async fn bad_fields_are_refused_naming_the_field() {
+    let plane = control_plane::shared();
+    let client = plane.client().await;
+    common::install_crds(&client).await;
+    let ns = plane.namespace("bad-fields").await;
+    let api = Api::<ConsumerGroup>::namespaced(client, &ns);
+    let cases = [
+        (
+            "/spec/topics/0/name",
+            json!("orders topic"),
+            "spec.topics[0].name",
+        ),
+        (
+            "/spec/topics/0/partitions",
+            json!(0),
+            "spec.topics[0].partitions",
+        ),
+        (
+            "/spec/database/secretRef/name",
+            json!(""),
+            "spec.database.secretRef.name",
+        ),
+        (
+            "/spec/kafka/configSecretRef",
+            json!({"name": "kafka", "key": "bad key"}),
+            "spec.kafka.configSecretRef.key",
+        ),
+        ("/spec/replicas", json!(-1), "spec.replicas"),
+    ];
+    for (pointer, value, field) in cases {
+        let mut object = group("pharmacy", &[("orders", 6)]);
+        let (parent, leaf) = pointer.rsplit_once('/').unwrap();
+        object.pointer_mut(parent).unwrap()[leaf] = value;
+        let create = serde_json::from_value::<ConsumerGroup>(object).unwrap();
+        let message = refused(api.create(&PostParams::default(), &create).await);
+        assert!(message.contains(field), "{pointer}: {message}");
+    }
+    // Two topics of one name: the list is keyed by name. (Server-side apply of the same object fails with a
+    // 500 "duplicate entries for key" — the API server's error, not a validation message.)
+    let twice =
+        serde_json::from_value::<ConsumerGroup>(group("pharmacy", &[("orders", 6), ("orders", 3)]))
+            .unwrap();
+    let message = refused(api.create(&PostParams::default(), &twice).await);
+    assert!(
+        message.contains("spec.topics[1]") && message.contains("Duplicate value"),
+        "{message}"
+    );
+}
