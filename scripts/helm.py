@@ -2,8 +2,8 @@
 """Helm's own library (helm-python-sdk, Helm v4 as a shared library) for the Rust tests, one action per run:
 
   helm.py render  CHART RELEASE NAMESPACE VALUES_JSON              -> the rendered manifests, a JSON list
-  helm.py install CHART RELEASE NAMESPACE VALUES_JSON KUBECONFIG  -> {"version": N, "manifest": [...]}
-  helm.py upgrade CHART RELEASE NAMESPACE VALUES_JSON KUBECONFIG  -> {"version": N, "manifest": [...]}
+  helm.py install CHART RELEASE NAMESPACE VALUES_JSON KUBECONFIG  -> {"revision": N, "status": ..., "manifest": [...]}
+  helm.py upgrade CHART RELEASE NAMESPACE VALUES_JSON KUBECONFIG  -> {"revision": N, "status": ..., "manifest": [...]}
   helm.py uninstall     RELEASE NAMESPACE KUBECONFIG              -> {"info": ...}
 
 The tests run it with the venv `scripts/setup.sh` installs ($OUTBOX_CACHE/manifests-venv). Errors: exit 1 and
@@ -39,7 +39,11 @@ def main(argv):
         with helm_config.Config(kubeconfig_path=kubeconfig, namespace=namespace) as cfg:
             run = cfg.install if action == "install" else cfg.upgrade
             release_info = run(chart, release, json.loads(values), namespace=namespace, timeout=120)
-        return {"version": release_info.get("version"), "manifest": docs(release_info.get("manifest", ""))}
+        return {
+            "revision": release_info.get("revision"),
+            "status": release_info.get("status"),
+            "manifest": docs(release_info.get("manifest", "")),
+        }
     if action == "uninstall":
         release, namespace, kubeconfig = argv[2:5]
         with helm_config.Config(kubeconfig_path=kubeconfig, namespace=namespace) as cfg:

@@ -371,7 +371,11 @@ impl ControlPlane {
             {
                 continue;
             }
-            let lines: Vec<&str> = text.lines().collect();
+            // mini-etcd logs every request as a warning; those lines say nothing about a failure.
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|l| !l.contains("\"msg\":\"request stats\""))
+                .collect();
             let tail = &lines[lines.len().saturating_sub(25)..];
             out.push_str(&format!(
                 "--- last {} lines of {} ---\n{}\n",
