@@ -319,7 +319,8 @@ async fn the_demo_with_its_own_kafka_is_admitted_under_restricted() {
     let plane = control_plane::shared();
     let client = plane.client().await;
     let ns = plane.namespace_labelled("helm-kafka", RESTRICTED).await;
-    let values = json!({"demo": {"enabled": true}});
+    // NodePorts are cluster-wide: another port than the other demo test's.
+    let values = json!({"demo": {"enabled": true, "api": {"nodePort": 30090}}});
     let installed = helm("install", "kafka-demo", &ns, &values, &kubeconfig(plane));
     all_exist(&client, installed["manifest"].as_array().unwrap()).await;
     // No operator runs here: the chart's own pods only (operator, PostgreSQL, Kafka, demo API).
