@@ -1,5 +1,5 @@
 # The README's commands. `make test` works on a fresh Debian machine with a Rust toolchain.
-.PHONY: setup test lint check-manifests unit bench bench-relay bench-consumer build demo images kind-e2e
+.PHONY: setup test lint check-manifests unit bench bench-relay bench-consumer bench-autoscale build demo images kind-e2e
 
 setup:
 	@bash scripts/setup.sh
@@ -20,7 +20,7 @@ check-manifests: setup
 	cargo run -q --locked -p operator --example plan_objects > target/planned-objects.yaml
 	$(CACHE)/manifests-venv/bin/python scripts/check-manifests.py charts/outbox-operator target/planned-objects.yaml crds kind-config.yaml examples
 
-bench: bench-relay bench-consumer
+bench: bench-relay bench-consumer bench-autoscale
 
 bench-relay: setup
 	cargo build --release --locked -p relay --bins --examples
@@ -29,6 +29,12 @@ bench-relay: setup
 bench-consumer: setup
 	cargo build --release --locked -p consumer-runtime --examples
 	./target/release/examples/bench_consumer
+
+# ConsumerGroup autoscaling: scale changes on a noisy lag series, and lag → replicas reaction time on the
+# test bed's control plane.
+bench-autoscale: setup
+	cargo build --release --locked -p operator --examples
+	./target/release/examples/bench_autoscale
 
 # Every binary of the workspace (debug profile: quick to build, plenty fast for the demo).
 build: setup

@@ -319,6 +319,55 @@ fn one() -> i32 {
     1
 }
 
+/// Lag-based autoscaling of a ConsumerGroup (see `operator::autoscale` for the rule). While it is set the
+/// operator owns `spec.replicas` and writes it through the `/scale` subresource; do not combine it with an HPA
+/// or KEDA on the same group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    cel,
+    validation = Rule::new("self.minReplicas <= self.maxReplicas").message("minReplicas must not exceed maxReplicas")
+)]
+pub struct AutoscalingSpec {
+    /// Fewest replicas (0 lets an idle group scale to zero).
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+    /// Most replicas (also capped at the largest topic's partitions with `partitionPolicy: Cap`).
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+    /// Lag one replica should carry: the target is ceil(total lag / lagPerReplica).
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub lag_per_replica: i64,
+    /// A group at 0 replicas wakes once its lag reaches this (and stays at 0 below it).
+    #[serde(default = "default_activation_lag")]
+    #[schemars(range(min = 1, max = 1_000_000_000))]
+    pub activation_lag: i64,
+    /// Scaling up acts on the lowest recommendation of this many seconds.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_up_stabilization_seconds: i32,
+    /// Scaling down acts on the highest recommendation of this many seconds (and reaches 0 only after
+    /// this long without lag).
+    #[serde(default = "default_scale_down_window")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i32,
+    /// How often lag is read and a decision made.
+    #[serde(default = "default_autoscale_poll")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub poll_interval_seconds: i32,
+}
+
+fn default_activation_lag() -> i64 {
+    1
+}
+fn default_scale_down_window() -> i32 {
+    300
+}
+fn default_autoscale_poll() -> i32 {
+    15
+}
+
 /// A consumer group: a Deployment of the consumer image, its topics and partitions.
 // Several `printcolumn(...)` entries share keys on purpose; clippy reads them as duplicates.
 #[allow(clippy::duplicated_attributes)]
@@ -339,6 +388,11 @@ fn one() -> i32 {
         label_selector_path = ".status.selector"
     ),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.autoscaling.desiredReplicas"
+    ),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
     printcolumn(
         name = "Partitions",
@@ -378,6 +432,9 @@ pub struct ConsumerGroupSpec {
     /// Replicas beyond the partition count.
     #[serde(default)]
     pub partition_policy: PartitionPolicy,
+    /// Scale `replicas` on the group's lag (absent: `replicas` is whatever you, an HPA or KEDA set).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
     /// Consumer image.
     pub image: String,
     /// Extra environment.
@@ -416,6 +473,31 @@ pub struct ConsumerGroupStatus {
     /// High watermark − committed offset, summed over partitions.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lag: Option<i64>,
+    /// The autoscaler's last decision (with `spec.autoscaling`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// The autoscaler's last decision.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Replicas the autoscaler set.
+    pub desired_replicas: i32,
+    /// This round's recommendation before the stabilization windows.
+    pub recommended_replicas: i32,
+    /// Why (`ScaleUp`, `ScaleDown`, `Activated`, `BelowActivation`, `Steady`, `ScaleUpStabilizing`,
+    /// `ScaleDownStabilizing`, `AtMax`, `AtPartitions`, `AtMin`).
+    pub reason: String,
+    /// The lag the decision used.
+    pub lag: i64,
+    /// When the autoscaler last changed the replicas.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale_time: Option<k8s_openapi::apimachinery::pkg::apis::meta::v1::Time>,
+    /// Recent recommendations (change points), which the stabilization windows look back on.
+    #[serde(default)]
+    #[schemars(length(max = 1000))]
+    pub history: Vec<crate::autoscale::Recommendation>,
 }
 
 /// First line of every generated file.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
@@ -26,6 +27,32 @@ pub struct FailureLabel {
     pub reason: String,
 }
 
+/// Labels: one ConsumerGroup.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GroupLabel {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl GroupLabel {
+    /// The labels of `cg`.
+    pub fn of(cg: &crate::crd::ConsumerGroup) -> Self {
+        Self {
+            namespace: cg.metadata.namespace.clone().unwrap_or_default(),
+            name: cg.metadata.name.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// Labels: an autoscaling decision's reason.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    /// `ScaleUp`, `ScaleDown`, `Steady`, ... (`operator::autoscale::Reason`).
+    pub reason: String,
+}
+
 /// Every metric the operator exports.
 pub struct Metrics {
     /// The registry rendered on `/metrics`.
@@ -36,6 +63,12 @@ pub struct Metrics {
     pub failures: Family<FailureLabel, Counter>,
     /// Reconcile duration.
     pub duration: Family<KindLabel, Histogram>,
+    /// Replicas the autoscaler set, per ConsumerGroup with `spec.autoscaling`.
+    pub desired_replicas: Family<GroupLabel, Gauge>,
+    /// Lag per ConsumerGroup, as last read from the broker.
+    pub group_lag: Family<GroupLabel, Gauge>,
+    /// Autoscaling decisions, by reason.
+    pub autoscale_decisions: Family<ReasonLabel, Counter>,
 }
 
 fn duration_buckets() -> Histogram {
@@ -59,11 +92,32 @@ impl Default for Metrics {
             "Reconcile duration",
             duration.clone(),
         );
+        let desired_replicas = Family::<GroupLabel, Gauge>::default();
+        let group_lag = Family::<GroupLabel, Gauge>::default();
+        let autoscale_decisions = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "consumergroup_desired_replicas",
+            "Replicas the autoscaler set (ConsumerGroups with spec.autoscaling)",
+            desired_replicas.clone(),
+        );
+        registry.register(
+            "consumergroup_lag",
+            "Lag of a ConsumerGroup as last read from the broker",
+            group_lag.clone(),
+        );
+        registry.register(
+            "autoscale_decisions",
+            "Autoscaling decisions, by reason",
+            autoscale_decisions.clone(),
+        );
         Self {
             registry,
             reconciles,
             failures,
             duration,
+            desired_replicas,
+            group_lag,
+            autoscale_decisions,
         }
     }
 }

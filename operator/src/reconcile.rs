@@ -577,7 +577,16 @@ async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<Action, Err
     let topic_result = async {
         let admin = (ctx.admins)(&cg.spec.kafka.bootstrap, &props)?;
         let observed = admin.describe(&names).await?;
-        let plan = plan_topics(&cg.spec, &observed);
+        // With autoscaling, the replicas the topics and the Deployment are planned for are the decision's.
+        let scaled = match &cg.spec.autoscaling {
+            Some(a) => Some(autoscale_decision(cg, a, admin.as_ref(), &names, &observed).await?),
+            None => None,
+        };
+        let mut spec = cg.spec.clone();
+        if let Some((d, _)) = &scaled {
+            spec.replicas = d.desired;
+        }
+        let plan = plan_topics(&spec, &observed);
         for t in &plan.create {
             admin.create(t).await?;
             ctx.event(
@@ -598,16 +607,20 @@ async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<Action, Err
             )
             .await;
         }
-        Ok::<_, AdminError>((admin, plan))
+        Ok::<_, AdminError>((admin, plan, scaled))
     }
     .await;
-    let (admin, plan) = match topic_result {
+    let (admin, plan, scaled) = match topic_result {
         Ok(x) => x,
         Err(e) => {
             stalled(ctx, cg, &previous, "KafkaError", e.to_string()).await?;
             ctx.event(cg, true, "KafkaError", e.to_string()).await;
             return Err(e.into());
         }
+    };
+    let autoscaling_status = match &scaled {
+        Some((decision, lag)) => Some(apply_autoscaling(ctx, cg, decision, *lag).await?),
+        None => None,
     };
     for r in &plan.refused {
         ctx.event(cg, true, "PartitionsRefused", r.to_string())
@@ -638,13 +651,22 @@ async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<Action, Err
             .await?
         }
     }
-    let lag = match admin.lag(&cg.spec.group_id, &names).await {
-        Ok(l) => Some(l),
-        Err(e) => {
-            tracing::warn!(group = %cg.spec.group_id, "cannot read lag: {e}");
-            None
-        }
+    let lag = match &scaled {
+        Some((_, lag)) => Some(*lag),
+        None => match admin.lag(&cg.spec.group_id, &names).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                tracing::warn!(group = %cg.spec.group_id, "cannot read lag: {e}");
+                None
+            }
+        },
     };
+    if let Some(l) = lag {
+        ctx.metrics
+            .group_lag
+            .get_or_create(&crate::metrics::GroupLabel::of(cg))
+            .set(l);
+    }
     let health = if plan.refused.is_empty() {
         rollout(&dep, plan.effective_replicas)
     } else {
@@ -674,10 +696,137 @@ async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<Action, Err
             "partitions": partitions,
             "totalPartitions": partitions.values().sum::<i32>(),
             "lag": lag,
+            "autoscaling": autoscaling_status,
         }),
     )
     .await?;
-    Ok(Action::requeue(ctx.refresh))
+    Ok(Action::requeue(match &cg.spec.autoscaling {
+        Some(a) => Duration::from_secs(a.poll_interval_seconds.max(1) as u64).min(ctx.refresh),
+        None => ctx.refresh,
+    }))
+}
+
+/// Field manager of the autoscaler's writes to `spec.replicas` (through `/scale`), apart from the
+/// reconciler's, so `kubectl get cg -o yaml --show-managed-fields` tells who set the replicas.
+pub const AUTOSCALER_FIELD_MANAGER: &str = "outbox-operator-autoscaler";
+
+/// Reads the group's lag and decides its replicas ([`crate::autoscale::decide`]); returns the decision
+/// and the lag it used.
+async fn autoscale_decision(
+    cg: &ConsumerGroup,
+    spec: &crate::crd::AutoscalingSpec,
+    admin: &dyn TopicAdmin,
+    names: &[String],
+    observed: &BTreeMap<String, i32>,
+) -> Result<(crate::autoscale::Decision, i64), AdminError> {
+    let lag = admin.lag(&cg.spec.group_id, names).await?;
+    let partitions = cg
+        .spec
+        .topics
+        .iter()
+        .map(|t| {
+            observed
+                .get(&t.name)
+                .copied()
+                .unwrap_or(0)
+                .max(t.partitions)
+        })
+        .max()
+        .unwrap_or(0);
+    let status = cg.status.as_ref().and_then(|s| s.autoscaling.as_ref());
+    let decision = crate::autoscale::decide(&crate::autoscale::Inputs {
+        spec,
+        lag,
+        partitions,
+        grow_partitions: cg.spec.partition_policy == crate::crd::PartitionPolicy::GrowPartitions,
+        current: status
+            .map(|s| s.desired_replicas)
+            .unwrap_or(cg.spec.replicas),
+        history: status.map(|s| s.history.as_slice()).unwrap_or_default(),
+        now: Timestamp::now().as_second(),
+    });
+    Ok((decision, lag))
+}
+
+/// Carries out a decision: `spec.replicas` through the `/scale` subresource, Events, metrics; returns the
+/// `status.autoscaling` to write.
+async fn apply_autoscaling(
+    ctx: &Context,
+    cg: &ConsumerGroup,
+    decision: &crate::autoscale::Decision,
+    lag: i64,
+) -> Result<crate::crd::AutoscalingStatus, Error> {
+    let previous = cg.status.as_ref().and_then(|s| s.autoscaling.clone());
+    let before = previous
+        .as_ref()
+        .map(|s| s.desired_replicas)
+        .unwrap_or(cg.spec.replicas);
+    let label = crate::metrics::GroupLabel::of(cg);
+    ctx.metrics
+        .desired_replicas
+        .get_or_create(&label)
+        .set(i64::from(decision.desired));
+    ctx.metrics
+        .autoscale_decisions
+        .get_or_create(&crate::metrics::ReasonLabel {
+            reason: decision.reason.as_str().into(),
+        })
+        .inc();
+    if cg.spec.replicas != decision.desired {
+        if cg.spec.replicas != before {
+            ctx.event(
+                cg,
+                true,
+                "ManualScaleOverwritten",
+                format!(
+                    "spec.replicas was set to {} by someone else; spec.autoscaling owns it and sets {} (lag {lag})",
+                    cg.spec.replicas, decision.desired
+                ),
+            )
+            .await;
+        }
+        let api: Api<ConsumerGroup> =
+            Api::namespaced(ctx.client.clone(), &cg.namespace().unwrap_or_default());
+        api.patch_scale(
+            &cg.name_any(),
+            &PatchParams {
+                field_manager: Some(AUTOSCALER_FIELD_MANAGER.into()),
+                ..Default::default()
+            },
+            &Patch::Merge(json!({ "spec": { "replicas": decision.desired } })),
+        )
+        .await?;
+    }
+    let mut last_scale_time = previous.and_then(|p| p.last_scale_time);
+    if decision.desired != before {
+        let (reason, verb) = if decision.desired > before {
+            ("ScaledUp", "up")
+        } else {
+            ("ScaledDown", "down")
+        };
+        ctx.event(
+            cg,
+            false,
+            reason,
+            format!(
+                "scaled {verb} from {before} to {} replicas (lag {lag}, {})",
+                decision.desired,
+                decision.reason.as_str()
+            ),
+        )
+        .await;
+        last_scale_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            Timestamp::now(),
+        ));
+    }
+    Ok(crate::crd::AutoscalingStatus {
+        desired_replicas: decision.desired,
+        recommended_replicas: decision.recommended,
+        reason: decision.reason.as_str().into(),
+        lag,
+        last_scale_time,
+        history: decision.history.clone(),
+    })
 }
 
 /// Runs both controllers until SIGTERM/SIGINT. `namespace`: watch one namespace, or all.

@@ -43,7 +43,10 @@ fn names_scale_subresource_and_columns() {
         .iter()
         .map(|c| c["name"].as_str().unwrap())
         .collect();
-    assert_eq!(cols, ["Replicas", "Ready", "Partitions", "Lag", "Age"]);
+    assert_eq!(
+        cols,
+        ["Replicas", "Desired", "Ready", "Partitions", "Lag", "Age"]
+    );
     let obr = serde_json::to_value(OutboxRelay::crd()).unwrap();
     assert_eq!(obr["spec"]["names"]["shortNames"], json!(["obr"]));
     let cols: Vec<&str> = obr["spec"]["versions"][0]["additionalPrinterColumns"]
@@ -102,6 +105,7 @@ fn group(group_id: &str, topics: &[(&str, i32)]) -> ConsumerGroup {
                 .unwrap(),
             replicas: 2,
             partition_policy: Default::default(),
+            autoscaling: None,
             image: "demo-consumer:dev".into(),
             env: vec![],
             resources: None,

@@ -221,3 +221,65 @@ async fn bad_fields_are_refused_naming_the_field() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn bad_autoscaling_is_refused_naming_the_field() {
+    let plane = control_plane::shared();
+    let client = plane.client().await;
+    common::install_crds(&client).await;
+    let ns = plane.namespace("bad-autoscaling").await;
+    let api = Api::<ConsumerGroup>::namespaced(client, &ns);
+    let with = |autoscaling: Value| {
+        let mut g = group("pharmacy", &[("orders", 6)]);
+        g["spec"]["autoscaling"] = autoscaling;
+        g
+    };
+    let message = refused(
+        apply(
+            &api,
+            &with(json!({"minReplicas": 4, "maxReplicas": 2, "lagPerReplica": 100})),
+        )
+        .await,
+    );
+    assert!(
+        message.contains("spec.autoscaling")
+            && message.contains("minReplicas must not exceed maxReplicas"),
+        "{message}"
+    );
+    for (bad, field) in [
+        (
+            json!({"maxReplicas": 0, "lagPerReplica": 100}),
+            "spec.autoscaling.maxReplicas",
+        ),
+        (
+            json!({"maxReplicas": 3, "lagPerReplica": 0}),
+            "spec.autoscaling.lagPerReplica",
+        ),
+        (json!({"maxReplicas": 3}), "spec.autoscaling.lagPerReplica"),
+        (
+            json!({"maxReplicas": 3, "lagPerReplica": 10, "scaleDownStabilizationSeconds": 86400}),
+            "spec.autoscaling.scaleDownStabilizationSeconds",
+        ),
+    ] {
+        let message = refused(apply(&api, &with(bad.clone())).await);
+        assert!(message.contains(field), "{bad}: {message}");
+    }
+    // A valid one is accepted with its defaults filled in.
+    let g = apply(
+        &api,
+        &with(json!({"maxReplicas": 6, "lagPerReplica": 1000})),
+    )
+    .await
+    .unwrap();
+    let a = g.spec.autoscaling.unwrap();
+    assert_eq!(
+        (
+            a.min_replicas,
+            a.activation_lag,
+            a.scale_up_stabilization_seconds,
+            a.scale_down_stabilization_seconds,
+            a.poll_interval_seconds
+        ),
+        (0, 1, 0, 300, 15)
+    );
+}
