@@ -274,15 +274,30 @@ async fn a_manual_scale_is_overwritten_at_the_next_decision_and_an_event_says_so
     b.produce(300);
     b.reconcile().await;
     assert_eq!(b.replicas().await.0, 3);
-    // A person scales by hand, through the same /scale subresource `kubectl scale` uses.
-    b.groups()
-        .patch_scale(
-            "pharmacy",
-            &PatchParams::default(),
-            &Patch::Merge(json!({"spec": {"replicas": 5}})),
-        )
-        .await
-        .unwrap();
+    // A person scales by hand: `kubectl scale` where kubectl is on PATH, else the same /scale subresource.
+    let kubectl = std::process::Command::new("kubectl")
+        .args(["scale", "cg", "pharmacy", "--replicas=5", "-n", &b.ns])
+        .env("KUBECONFIG", common::plane().kubeconfig())
+        .output();
+    match kubectl {
+        Ok(out) => assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => {
+            eprintln!("kubectl not runnable ({e}): scaling through patch_scale");
+            b.groups()
+                .patch_scale(
+                    "pharmacy",
+                    &PatchParams::default(),
+                    &Patch::Merge(json!({"spec": {"replicas": 5}})),
+                )
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(b.groups().get("pharmacy").await.unwrap().spec.replicas, 5);
     b.reconcile().await;
     assert_eq!(b.replicas().await.0, 3, "the autoscaler owns spec.replicas");
     let notes = b.events("ManualScaleOverwritten").await;

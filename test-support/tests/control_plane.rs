@@ -118,3 +118,62 @@ fn kubectl_reads_the_admin_kubeconfig() {
         "namespace/default"
     );
 }
+
+/// Not a test of its own: the child process of the test below (runs only with `OUTBOX_PLANE_CHILD` set).
+#[test]
+fn child_holds_a_control_plane_until_killed() {
+    let Some(out) = std::env::var_os("OUTBOX_PLANE_CHILD") else {
+        return;
+    };
+    let plane = control_plane::shared();
+    let dir = plane.kubeconfig().parent().unwrap().to_path_buf();
+    std::fs::write(&out, format!("{}\n{}\n", plane.url(), dir.display())).unwrap();
+    std::thread::sleep(Duration::from_secs(120));
+}
+
+#[test]
+fn a_sigkilled_test_process_leaves_no_control_plane_behind() {
+    let out = tempfile::NamedTempFile::new().unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([
+            "--exact",
+            "child_holds_a_control_plane_until_killed",
+            "--nocapture",
+        ])
+        .env("OUTBOX_PLANE_CHILD", out.path())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let written = loop {
+        let text = std::fs::read_to_string(out.path()).unwrap_or_default();
+        if text.lines().count() == 2 {
+            break text;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the child's control plane did not start"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut lines = written.lines();
+    let url = lines.next().unwrap().to_owned();
+    let dir = std::path::PathBuf::from(lines.next().unwrap());
+    let port: u16 = url.rsplit(':').next().unwrap().parse().unwrap();
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        "the child's apiserver listens"
+    );
+    child.kill().unwrap(); // SIGKILL: no destructor, no panic hook runs
+    child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() || dir.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "30 s after SIGKILL the apiserver still listens on {port} or {} still exists",
+            dir.display()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
