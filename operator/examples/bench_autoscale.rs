@@ -23,22 +23,11 @@ use operator::reconcile::Context;
 use operator::topics::{MemoryAdmin, TopicAdmin};
 use serde_json::json;
 
-fn flapping() -> bool {
-    let spec = AutoscalingSpec {
-        min_replicas: 1,
-        max_replicas: 12,
-        lag_per_replica: 1_000,
-        activation_lag: 1,
-        scale_up_stabilization_seconds: 60,
-        scale_down_stabilization_seconds: 300,
-        poll_interval_seconds: 15,
-    };
-    // A deterministic pseudo-random series: lag 3,000 ± 1,500 with a burst to 9,000 every 47 minutes.
+/// Scale changes over `steps` polls (15 s apart) of a deterministic pseudo-random lag series: 3,000 ± 1,500
+/// with a burst to 9,000 every 47 minutes, 12 partitions, starting at 3 replicas.
+fn scale_changes(spec: &AutoscalingSpec, steps: i64) -> usize {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-    let mut history = Vec::new();
-    let mut current = 3;
-    let mut changes = 0;
-    let steps = 6 * 3600 / 15;
+    let (mut current, mut history, mut changes) = (3, Vec::new(), 0);
     for k in 0..steps {
         x ^= x << 13;
         x ^= x >> 7;
@@ -46,7 +35,7 @@ fn flapping() -> bool {
         let noise = (x % 3_001) as i64 - 1_500;
         let burst = if (k * 15) % (47 * 60) < 120 { 6_000 } else { 0 };
         let d = decide(&Inputs {
-            spec: &spec,
+            spec,
             lag: 3_000 + noise + burst,
             partitions: 12,
             grow_partitions: false,
@@ -60,37 +49,29 @@ fn flapping() -> bool {
         current = d.desired;
         history = d.history;
     }
+    changes
+}
+
+fn flapping() -> bool {
+    let spec = AutoscalingSpec {
+        min_replicas: 1,
+        max_replicas: 12,
+        lag_per_replica: 1_000,
+        activation_lag: 1,
+        scale_up_stabilization_seconds: 60,
+        scale_down_stabilization_seconds: 300,
+        poll_interval_seconds: 15,
+    };
+    let steps = 6 * 3600 / 15;
+    let changes = scale_changes(&spec, steps);
     let hours = 6.0;
     let limit = (hours * 3600.0 / f64::from(spec.scale_up_stabilization_seconds)) as usize;
-    let mut nervous = 0;
-    let (mut c, mut h) = (3, Vec::new());
     let no_windows = AutoscalingSpec {
         scale_up_stabilization_seconds: 0,
         scale_down_stabilization_seconds: 0,
         ..spec.clone()
     };
-    let mut y: u64 = 0x9E37_79B9_7F4A_7C15;
-    for k in 0..steps {
-        y ^= y << 13;
-        y ^= y >> 7;
-        y ^= y << 17;
-        let noise = (y % 3_001) as i64 - 1_500;
-        let burst = if (k * 15) % (47 * 60) < 120 { 6_000 } else { 0 };
-        let d = decide(&Inputs {
-            spec: &no_windows,
-            lag: 3_000 + noise + burst,
-            partitions: 12,
-            grow_partitions: false,
-            current: c,
-            history: &h,
-            now: k * 15,
-        });
-        if d.desired != c {
-            nervous += 1;
-        }
-        c = d.desired;
-        h = d.history;
-    }
+    let nervous = scale_changes(&no_windows, steps);
     println!(
         "flapping: {steps} samples over {hours} h (lag 3000 ± 1500, bursts to 9000): {changes} scale changes \
          with windows 60 s up / 300 s down, {nervous} without windows; limit one per 60 s window = {limit}"

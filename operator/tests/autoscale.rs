@@ -275,18 +275,15 @@ async fn a_manual_scale_is_overwritten_at_the_next_decision_and_an_event_says_so
     b.reconcile().await;
     assert_eq!(b.replicas().await.0, 3);
     // A person scales by hand: `kubectl scale` where kubectl is on PATH, else the same /scale subresource.
-    let kubectl = std::process::Command::new("kubectl")
-        .args(["scale", "cg", "pharmacy", "--replicas=5", "-n", &b.ns])
-        .env("KUBECONFIG", common::plane().kubeconfig())
-        .output();
-    match kubectl {
-        Ok(out) => assert!(
+    let args = ["scale", "cg", "pharmacy", "--replicas=5", "-n", &b.ns];
+    match common::plane().kubectl(&args) {
+        Some(out) => assert!(
             out.status.success(),
             "{}",
             String::from_utf8_lossy(&out.stderr)
         ),
-        Err(e) => {
-            eprintln!("kubectl not runnable ({e}): scaling through patch_scale");
+        None => {
+            eprintln!("kubectl not on PATH: scaling through patch_scale");
             b.groups()
                 .patch_scale(
                     "pharmacy",
@@ -308,19 +305,11 @@ async fn a_manual_scale_is_overwritten_at_the_next_decision_and_an_event_says_so
         "{notes:?}"
     );
     let cg = b.groups().get("pharmacy").await.unwrap();
-    let writer = cg
-        .metadata
-        .managed_fields
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|f| {
-            f.fields_v1
-                .as_ref()
-                .is_some_and(|v| v.0.pointer("/f:spec/f:replicas").is_some())
-        })
-        .map(|f| f.manager.unwrap_or_default())
-        .collect::<Vec<_>>();
-    assert_eq!(writer, [AUTOSCALER_FIELD_MANAGER], "who set the replicas");
+    assert_eq!(
+        common::field_managers(&cg.metadata, "/f:spec/f:replicas"),
+        [AUTOSCALER_FIELD_MANAGER],
+        "who set the replicas"
+    );
 
     // Autoscaling removed: spec.replicas is the user's again and its status goes.
     b.groups()

@@ -260,28 +260,25 @@ async fn the_demo_stack_runs_under_restricted_pod_security_and_becomes_ready() {
     control_plane::mark_pods_ready(&client, &ns, "", 100)
         .await
         .unwrap();
-    let kubectl = std::process::Command::new("kubectl")
-        .args([
-            "wait",
-            "--for=condition=Ready",
-            "obr/orders",
-            "cg/pharmacy",
-            "cg/notification",
-            "--timeout=60s",
-            "-n",
-            &ns,
-        ])
-        .env("KUBECONFIG", plane.kubeconfig())
-        .output();
-    match kubectl {
-        Ok(out) => assert!(
+    let wait = [
+        "wait",
+        "--for=condition=Ready",
+        "obr/orders",
+        "cg/pharmacy",
+        "cg/notification",
+        "--timeout=60s",
+        "-n",
+        &ns,
+    ];
+    match plane.kubectl(&wait) {
+        Some(out) => assert!(
             out.status.success(),
             "kubectl wait: {}{}",
             String::from_utf8_lossy(&out.stdout),
             String::from_utf8_lossy(&out.stderr)
         ),
-        Err(e) => {
-            eprintln!("kubectl not runnable ({e}): checking the conditions directly");
+        None => {
+            eprintln!("kubectl not on PATH: checking the conditions directly");
             wait_for("Ready resources", Duration::from_secs(60), || async {
                 let r = Api::<OutboxRelay>::namespaced(client.clone(), &ns)
                     .get("orders")

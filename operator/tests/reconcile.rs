@@ -902,16 +902,12 @@ async fn scale_through_the_subresource_and_kubectl_reaches_the_deployment() {
     assert_eq!(replicas().await, Some(4), "patch_scale → Deployment");
 
     // The command users type, when kubectl is on PATH (it is on the machines CI runs on).
-    let Ok(kubectl) = which_kubectl() else {
+    let Some(out) =
+        common::plane().kubectl(&["scale", "cg", "pharmacy", "--replicas=3", "-n", &h.ns])
+    else {
         eprintln!("kubectl not on PATH: `kubectl scale` part skipped");
         return;
     };
-    let plane = common::plane();
-    let out = std::process::Command::new(kubectl)
-        .args(["scale", "cg", "pharmacy", "--replicas=3", "-n", &h.ns])
-        .env("KUBECONFIG", plane.kubeconfig())
-        .output()
-        .unwrap();
     assert!(
         out.status.success(),
         "kubectl scale: {}",
@@ -920,15 +916,6 @@ async fn scale_through_the_subresource_and_kubectl_reaches_the_deployment() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("scaled"));
     h.reconcile_group("pharmacy").await;
     assert_eq!(replicas().await, Some(3), "kubectl scale cg → Deployment");
-}
-
-fn which_kubectl() -> Result<std::path::PathBuf, ()> {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join("kubectl"))
-        .find(|p| p.is_file())
-        .ok_or(())
 }
 
 #[tokio::test]
@@ -972,20 +959,8 @@ async fn another_field_manager_conflicts_until_it_forces_and_the_operator_takes_
     h.reconcile_relay("orders").await;
     let dep = deployments.get("orders-relay").await.unwrap();
     assert_eq!(dep.spec.unwrap().replicas, Some(2), "the spec wins again");
-    let owner = dep
-        .metadata
-        .managed_fields
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|f| {
-            f.fields_v1
-                .as_ref()
-                .is_some_and(|v| v.0.pointer("/f:spec/f:replicas").is_some())
-        })
-        .map(|f| f.manager.unwrap_or_default())
-        .collect::<Vec<_>>();
     assert_eq!(
-        owner,
+        common::field_managers(&dep.metadata, "/f:spec/f:replicas"),
         [operator::plan::FIELD_MANAGER],
         "one owner of spec.replicas"
     );

@@ -355,6 +355,23 @@ impl ControlPlane {
         name
     }
 
+    /// Runs `kubectl ARGS` with the admin kubeconfig; `None` when kubectl is not on PATH (the machines CI runs
+    /// on have it).
+    pub fn kubectl(&self, args: &[&str]) -> Option<std::process::Output> {
+        let kubectl = std::env::var_os("PATH")
+            .iter()
+            .flat_map(std::env::split_paths)
+            .map(|d| d.join("kubectl"))
+            .find(|p| p.is_file())?;
+        Some(
+            Command::new(kubectl)
+                .args(args)
+                .env("KUBECONFIG", self.kubeconfig())
+                .output()
+                .expect("run kubectl"),
+        )
+    }
+
     fn log_path(&self, name: &str) -> PathBuf {
         self.dir.path().join(format!("{name}.log"))
     }

@@ -94,20 +94,11 @@ async fn deployments_get_pods_which_the_kubelet_stand_in_makes_ready() {
 
 #[test]
 fn kubectl_reads_the_admin_kubeconfig() {
-    let Some(kubectl) = std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join("kubectl"))
-        .find(|p| p.is_file())
+    let Some(out) = control_plane::shared().kubectl(&["get", "namespace", "default", "-o", "name"])
     else {
         eprintln!("kubectl not on PATH: skipped");
         return;
     };
-    let out = std::process::Command::new(kubectl)
-        .args(["get", "namespace", "default", "-o", "name"])
-        .env("KUBECONFIG", control_plane::shared().kubeconfig())
-        .output()
-        .unwrap();
     assert!(
         out.status.success(),
         "{}",

@@ -155,3 +155,18 @@ pub fn plane() -> &'static test_support::control_plane::ControlPlane {
             .collect()
     })
 }
+
+/// The field managers that own the field at `pointer` (in managedFields' `f:` notation, e.g.
+/// `/f:spec/f:replicas`).
+pub fn field_managers(meta: &kube::api::ObjectMeta, pointer: &str) -> Vec<String> {
+    meta.managed_fields
+        .iter()
+        .flatten()
+        .filter(|f| {
+            f.fields_v1
+                .as_ref()
+                .is_some_and(|v| v.0.pointer(pointer).is_some())
+        })
+        .map(|f| f.manager.clone().unwrap_or_default())
+        .collect()
+}
