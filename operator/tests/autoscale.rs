@@ -236,6 +236,13 @@ async fn a_burst_scales_up_to_the_partitions_drained_lag_goes_to_zero_and_new_la
         "{metrics}"
     );
     assert!(metrics.contains("outbox_operator_autoscale_decisions_total{reason=\"ScaleUp\"} 1"));
+    assert!(
+        metrics.contains(&format!(
+            "outbox_operator_consumergroup_lag{{namespace=\"{}\",name=\"pharmacy\"}} 1200",
+            b.ns
+        )),
+        "{metrics}"
+    );
     // Still lagging: steady at the partition count.
     b.reconcile().await;
     assert_eq!(b.replicas().await, (6, 6, "AtPartitions".into()));

@@ -3,7 +3,7 @@
 //! enforce Pod Security `restricted`; with the demo stack, the operator binary runs as the chart's
 //! ServiceAccount and every pod it creates is admitted, and its resources become Ready.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::Deployment;
@@ -12,7 +12,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::api::{Api, DynamicObject, GroupVersionKind, ListParams};
 use operator::crd::{ConsumerGroup, OutboxRelay};
 use serde_json::{json, Value};
-use test_support::control_plane::{self, ControlPlane};
+use test_support::control_plane;
 use test_support::{free_port, wait_for};
 
 const RESTRICTED: &[(&str, &str)] = &[
@@ -101,10 +101,6 @@ async fn pods_admitted(client: &kube::Client, ns: &str, want: usize) -> Vec<Stri
     .await
 }
 
-fn kubeconfig(plane: &ControlPlane) -> PathBuf {
-    plane.kubeconfig()
-}
-
 #[tokio::test]
 async fn install_upgrade_and_uninstall_with_defaults() {
     let plane = control_plane::shared();
@@ -115,7 +111,7 @@ async fn install_upgrade_and_uninstall_with_defaults() {
         "outbox-operator",
         &ns,
         &json!({}),
-        &kubeconfig(plane),
+        &plane.kubeconfig(),
     );
     assert_eq!(installed["revision"], 1);
     assert_eq!(installed["status"], "deployed");
@@ -162,7 +158,7 @@ async fn install_upgrade_and_uninstall_with_defaults() {
         "outbox-operator",
         &ns,
         &json!({"operator": {"logLevel": "debug"}}),
-        &kubeconfig(plane),
+        &plane.kubeconfig(),
     );
     assert_eq!(upgraded["revision"], 2);
     assert_eq!(upgraded["status"], "deployed");
@@ -185,7 +181,7 @@ async fn install_upgrade_and_uninstall_with_defaults() {
         "outbox-operator",
         &ns,
         &json!({}),
-        &kubeconfig(plane),
+        &plane.kubeconfig(),
     );
     wait_for(
         "the release's objects gone",
@@ -218,7 +214,7 @@ async fn the_demo_stack_runs_under_restricted_pod_security_and_becomes_ready() {
     let tansu = test_support::kafka::Tansu::start().unwrap();
     let values = json!({"demo": {"enabled": true, "kafka": {"bootstrap": tansu.bootstrap()},
         "kafkaUi": {"enabled": true}}});
-    let installed = helm("install", "demo", &ns, &values, &kubeconfig(plane));
+    let installed = helm("install", "demo", &ns, &values, &plane.kubeconfig());
     all_exist(&client, installed["manifest"].as_array().unwrap()).await;
 
     // The operator binary, as the chart's ServiceAccount with the chart's ClusterRole, watching the
@@ -308,7 +304,7 @@ async fn the_demo_stack_runs_under_restricted_pod_security_and_becomes_ready() {
     );
     operator.kill().await.unwrap();
 
-    helm("uninstall", "demo", &ns, &json!({}), &kubeconfig(plane));
+    helm("uninstall", "demo", &ns, &json!({}), &plane.kubeconfig());
 }
 
 #[tokio::test]
@@ -318,7 +314,7 @@ async fn the_demo_with_its_own_kafka_is_admitted_under_restricted() {
     let ns = plane.namespace_labelled("helm-kafka", RESTRICTED).await;
     // NodePorts are cluster-wide: another port than the other demo test's.
     let values = json!({"demo": {"enabled": true, "api": {"nodePort": 30090}}});
-    let installed = helm("install", "kafka-demo", &ns, &values, &kubeconfig(plane));
+    let installed = helm("install", "kafka-demo", &ns, &values, &plane.kubeconfig());
     all_exist(&client, installed["manifest"].as_array().unwrap()).await;
     // No operator runs here: the chart's own pods only (operator, PostgreSQL, Kafka, demo API).
     let pods = pods_admitted(&client, &ns, 4).await;
@@ -332,6 +328,6 @@ async fn the_demo_with_its_own_kafka_is_admitted_under_restricted() {
         "kafka-demo",
         &ns,
         &json!({}),
-        &kubeconfig(plane),
+        &plane.kubeconfig(),
     );
 }

@@ -151,10 +151,7 @@ async fn two_lease_relays_sigkill_the_leader_the_standby_publishes_after_expiry_
     let access = relays_service_account(&admin, &ns, "orders").await;
     let kubeconfig = access.kubeconfig.to_str().unwrap().to_owned();
     // The relays find their namespace in the token's kubeconfig, as in a pod (POD_NAMESPACE there).
-    let env = [
-        ("KUBECONFIG", kubeconfig.as_str()),
-        ("RELAY_STATUS_RESOURCE", "orders"),
-    ];
+    let env = [("KUBECONFIG", kubeconfig.as_str())];
     let lease_args = |id: &'static str| {
         vec![
             "--coordination",

@@ -33,11 +33,7 @@ pub fn binaries_dir() -> anyhow::Result<PathBuf> {
             return Ok(dir);
         }
     }
-    let cache = std::env::var_os("OUTBOX_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/outbox-operator")))
-        .context("neither OUTBOX_CACHE nor HOME is set")?;
-    let dir = cache.join(format!("k8s-v{KUBERNETES_VERSION}"));
+    let dir = crate::cache_dir().join(format!("k8s-v{KUBERNETES_VERSION}"));
     if complete(&dir) {
         return Ok(dir);
     }
@@ -552,11 +548,7 @@ pub async fn mark_pods_ready(
 /// returns its JSON output. `args` as the script's usage says (`render CHART RELEASE NAMESPACE VALUES`, ...).
 pub fn helm(args: &[&str]) -> anyhow::Result<serde_json::Value> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let cache = std::env::var_os("OUTBOX_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache/outbox-operator")))
-        .context("neither OUTBOX_CACHE nor HOME is set")?;
-    let python = cache.join("manifests-venv/bin/python");
+    let python = crate::cache_dir().join("manifests-venv/bin/python");
     if !python.exists() {
         bail!(
             "{} not found: run `make setup` (installs Helm's library)",

@@ -125,13 +125,7 @@ pub fn tansu_bin() -> PathBuf {
     if let Some(p) = std::env::var_os("TANSU_BIN") {
         return p.into();
     }
-    let cache = std::env::var_os("OUTBOX_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
-                .join(".cache/outbox-operator")
-        });
-    cache.join("tansu-0.6.0/bin/tansu")
+    crate::cache_dir().join("tansu-0.6.0/bin/tansu")
 }
 
 /// A tansu broker process with in-memory storage on a loopback port.

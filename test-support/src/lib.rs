@@ -11,6 +11,16 @@ pub mod reaper;
 use std::net::TcpListener;
 use std::time::{Duration, Instant};
 
+/// The cache `scripts/setup.sh` installs tools into: `$OUTBOX_CACHE`, else `~/.cache/outbox-operator`.
+pub fn cache_dir() -> std::path::PathBuf {
+    std::env::var_os("OUTBOX_CACHE")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_default())
+                .join(".cache/outbox-operator")
+        })
+}
+
 /// A free TCP port on 127.0.0.1 (bound then released; the window for a race is tiny).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
