@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use outbox::security::{merge_kafka_properties, DatabaseTlsArgs, KafkaSecurityArgs};
 use outbox::service::{
     config_error, database_options, kafka_settings, shutdown_signal, wait_for_database,
 };
@@ -41,6 +42,12 @@ pub struct ConsumerArgs {
     /// Extra librdkafka properties, `key=value` (repeat or comma-separate), e.g. for SASL/TLS.
     #[arg(long, env = "CONSUMER_KAFKA_CONFIG", value_delimiter = ',')]
     pub kafka_config: Vec<String>,
+    /// TLS and SASL to Kafka.
+    #[command(flatten)]
+    pub kafka_security: KafkaSecurityArgs,
+    /// TLS to PostgreSQL.
+    #[command(flatten)]
+    pub database_tls: DatabaseTlsArgs,
     /// Partitions handled at the same time; each uses a database connection.
     #[arg(long, env = "CONSUMER_CONCURRENCY", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=256))]
     pub concurrency: u16,
@@ -99,10 +106,14 @@ impl ConsumerArgs {
             outbox::validate::topic(t)
                 .map_err(|e| config_error("--topics", "CONSUMER_TOPICS", e.reason))?;
         }
-        let kafka_extra = kafka_settings(
-            &self.brokers,
-            ("--brokers", "KAFKA_BOOTSTRAP"),
-            &self.kafka_config,
+        let kafka_extra = merge_kafka_properties(
+            kafka_settings(
+                &self.brokers,
+                ("--brokers", "KAFKA_BOOTSTRAP"),
+                &self.kafka_config,
+                ("--kafka-config", "CONSUMER_KAFKA_CONFIG"),
+            )?,
+            self.kafka_security.properties(&std::env::temp_dir())?,
             ("--kafka-config", "CONSUMER_KAFKA_CONFIG"),
         )?;
         if self.backoff_base > self.backoff_max {
@@ -152,11 +163,11 @@ where
     Fut: std::future::Future<Output = anyhow::Result<()>>,
 {
     let cfg = args.runtime_config(default_group)?;
-    let opts = database_options(
+    let opts = args.database_tls.apply(database_options(
         args.database_url.as_deref(),
         "--database-url",
         "DATABASE_URL",
-    )?;
+    )?)?;
     let shutdown = shutdown_signal();
     let metrics = Arc::new(Metrics::default());
     let pool = PgPoolOptions::new()

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
+use outbox::security::DatabaseTlsArgs;
 use outbox::service::{
     config_error, database_options, shutdown_signal, wait_for_database, LogFormat,
 };
@@ -27,6 +28,9 @@ pub struct Cli {
     /// PostgreSQL URL.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: Option<String>,
+    /// TLS to PostgreSQL.
+    #[command(flatten)]
+    pub database_tls: DatabaseTlsArgs,
     /// Listen address.
     #[arg(long, env = "DEMO_API_ADDR", default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
@@ -106,11 +110,11 @@ pub async fn migrate(
 /// Runs the API until SIGTERM/SIGINT.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let s = settings(&cli)?;
-    let opts = database_options(
+    let opts = cli.database_tls.apply(database_options(
         cli.database_url.as_deref(),
         "--database-url",
         "DATABASE_URL",
-    )?;
+    )?)?;
     let shutdown = shutdown_signal();
     if !wait_for_database(&opts, &shutdown).await {
         return Ok(());

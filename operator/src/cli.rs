@@ -104,13 +104,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
         }
     });
-    let ctx = Arc::new(Context::new(
-        client,
-        Defaults {
-            relay_image: args.relay_image,
-        },
-        metrics,
-    ));
+    let ctx = Arc::new(Context {
+        namespace: args.namespace.clone(),
+        ..Context::new(
+            client,
+            Defaults {
+                relay_image: args.relay_image,
+            },
+            metrics,
+        )
+    });
     reconcile::run(ctx, args.namespace).await;
     tracing::info!("stopped");
     Ok(())

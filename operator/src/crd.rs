@@ -2,7 +2,10 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{EnvVar, ResourceRequirements};
+use k8s_openapi::api::core::v1::{
+    Affinity, EnvFromSource, EnvVar, LocalObjectReference, ResourceRequirements, Toleration,
+    TopologySpreadConstraint, Volume, VolumeMount,
+};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 use kube::{CustomResource, CustomResourceExt, KubeSchema};
 use serde::{Deserialize, Serialize};
@@ -27,6 +30,67 @@ pub struct SecretKeyRef {
     pub key: String,
 }
 
+/// A certificate (PEM) in a Secret of the resource's namespace (Strimzi's `CertSecretSource`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertSecretSource {
+    /// Secret name.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub secret_name: String,
+    /// Key of the certificate in the Secret, e.g. `ca.crt`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub certificate: String,
+}
+
+/// A certificate and its private key (PEM) in one Secret (Strimzi's `CertAndKeySecretSource`; a Strimzi
+/// KafkaUser's Secret has `user.crt` and `user.key`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CertAndKeySecretSource {
+    /// Secret name.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub secret_name: String,
+    /// Key of the certificate, e.g. `user.crt` or `tls.crt`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub certificate: String,
+    /// Key of the private key, e.g. `user.key` or `tls.key`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub key: String,
+}
+
+/// A password in a Secret (Strimzi's `PasswordSecretSource`).
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PasswordSecretSource {
+    /// Secret name.
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub secret_name: String,
+    /// Key of the password in the Secret, e.g. `password`.
+    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
+    pub password: String,
+}
+
+/// TLS to PostgreSQL: `sslmode=verify-full` against the given CA, optionally with a client certificate.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseTls {
+    /// Secret key holding the CA certificate(s) (PEM) that signed the server's certificate (mounted,
+    /// used as `sslrootcert`; the server's certificate must also name the host in the URL).
+    pub ca_secret_ref: SecretKeyRef,
+    /// Client certificate and key for certificate authentication.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_certificate: Option<CertAndKeySecretSource>,
+}
+
 /// Where the outbox lives.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
@@ -37,6 +101,9 @@ pub struct DatabaseSpec {
     #[serde(default = "default_schema")]
     #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
     pub schema: String,
+    /// TLS with a private CA (`sslmode=verify-full`); without it the URL's `sslmode` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<DatabaseTls>,
 }
 
 fn default_schema() -> String {
@@ -53,22 +120,169 @@ pub struct InboxDatabaseSpec {
     #[serde(default = "default_inbox_schema")]
     #[schemars(regex(pattern = r"^[a-z_][a-z0-9_]{0,62}$"))]
     pub schema: String,
+    /// TLS with a private CA (`sslmode=verify-full`); without it the URL's `sslmode` applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<DatabaseTls>,
 }
 
 fn default_inbox_schema() -> String {
     "inbox".into()
 }
 
+/// TLS to the brokers.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaTls {
+    /// CA certificates the brokers' certificates are checked against (e.g. Strimzi's
+    /// `<cluster>-cluster-ca-cert`, key `ca.crt`). Empty: the CA bundle of the image (public CAs, as for
+    /// Confluent Cloud or Aiven with a public certificate).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 8))]
+    pub trusted_certificates: Vec<CertSecretSource>,
+}
+
+/// How the clients authenticate to the brokers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
+pub enum KafkaAuthenticationType {
+    /// Mutual TLS with `certificateAndKey` (needs `kafka.tls`).
+    #[serde(rename = "tls")]
+    Tls,
+    /// SASL SCRAM-SHA-256 with `username` and `passwordSecret`.
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    /// SASL SCRAM-SHA-512 with `username` and `passwordSecret`.
+    #[serde(rename = "scram-sha-512")]
+    ScramSha512,
+    /// SASL PLAIN with `username` and `passwordSecret` (use it with `kafka.tls`).
+    #[serde(rename = "plain")]
+    Plain,
+}
+
+/// Client authentication, shaped like Strimzi's (`KafkaClientAuthentication*`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(
+    cel,
+    validation = Rule::new("self.type != 'tls' || has(self.certificateAndKey)").message("type tls needs certificateAndKey"),
+    validation = Rule::new("self.type == 'tls' || (has(self.username) && has(self.passwordSecret))").message("SASL types (scram-sha-256, scram-sha-512, plain) need username and passwordSecret"),
+    validation = Rule::new("self.type == 'tls' ? !has(self.username) && !has(self.passwordSecret) : !has(self.certificateAndKey)").message("certificateAndKey belongs to type tls; username and passwordSecret to the SASL types")
+)]
+pub struct KafkaAuthentication {
+    /// `tls`, `scram-sha-256`, `scram-sha-512` or `plain`.
+    #[serde(rename = "type")]
+    pub type_: KafkaAuthenticationType,
+    /// SASL username (for a Strimzi KafkaUser: its name).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
+    pub username: Option<String>,
+    /// SASL password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret: Option<PasswordSecretSource>,
+    /// Client certificate and key for `type: tls`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_and_key: Option<CertAndKeySecretSource>,
+}
+
 /// Kafka connection.
 #[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(
+    cel,
+    validation = Rule::new("!has(self.authentication) || self.authentication.type != 'tls' || has(self.tls)").message("authentication type tls needs kafka.tls")
+)]
 pub struct KafkaSpec {
     /// Bootstrap servers, `host:port[,host:port]`.
     #[schemars(length(min = 3))]
     pub bootstrap: String,
-    /// Secret key holding extra librdkafka properties for SASL/TLS, as `key=value,key=value`.
+    /// TLS to the brokers (absent: plaintext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<KafkaTls>,
+    /// Client authentication (absent: none).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authentication: Option<KafkaAuthentication>,
+    /// Secret key holding further librdkafka properties, as `key=value,key=value` (for what `tls` and
+    /// `authentication` do not cover, e.g. OAUTHBEARER; a property both set is refused).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Labels and annotations added to the pods.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateMetadata {
+    /// Pod labels (the operator's `app.kubernetes.io/*` labels cannot be overridden).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Pod annotations, e.g. a service mesh's or Vault's injection (`outbox.dev/*` and `prometheus.io/*`
+    /// are the operator's).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+}
+
+/// Pod settings for a platform (Strimzi's `template.pod`).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PodTemplateSettings {
+    /// Labels and annotations of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<TemplateMetadata>,
+    /// Secrets for pulling the image from a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<LocalObjectReference>,
+    /// ServiceAccount of the pods (ConsumerGroup only, e.g. for workload identity; a relay runs as the
+    /// `<name>-relay` ServiceAccount the operator binds to its Lease Role).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
+    pub service_account_name: Option<String>,
+    /// Node labels the pods must match.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Tolerations of node taints.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// Node and pod (anti-)affinity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<Affinity>,
+    /// How the pods spread over zones and nodes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<TopologySpreadConstraint>,
+    /// PriorityClass of the pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// Extra volumes (names `tmp` and `outbox-*` are the operator's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<Volume>,
+}
+
+/// Container settings (Strimzi's `template.<container>`).
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerTemplateSettings {
+    /// Extra environment (the variables the operator sets from the spec cannot be overridden).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env: Vec<EnvVar>,
+    /// Environment from whole Secrets or ConfigMaps.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_from: Vec<EnvFromSource>,
+    /// Mounts of `template.pod.volumes` (not on `/tmp` or under `/etc/outbox`, the operator's).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volume_mounts: Vec<VolumeMount>,
+}
+
+/// How the operator's pods are customised; the operator's own settings (security context, probes, the
+/// environment it sets, its volumes) keep precedence and a conflict is refused naming the field.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Template {
+    /// The pods.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<PodTemplateSettings>,
+    /// The one container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerTemplateSettings>,
 }
 
 /// How the relays of one outbox coordinate.
@@ -225,6 +439,9 @@ pub struct OutboxRelaySpec {
     /// Container resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Pod and container customisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<Template>,
 }
 
 fn default_relay_replicas() -> i32 {
@@ -443,6 +660,9 @@ pub struct ConsumerGroupSpec {
     /// Container resources.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Pod and container customisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub template: Option<Template>,
 }
 
 /// Observed state of a [`ConsumerGroup`].

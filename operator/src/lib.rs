@@ -1,12 +1,14 @@
 //! The outbox operator: `OutboxRelay` and `ConsumerGroup` custom resources (group `outbox.dev`, version
 //! `v1alpha1`, category `outbox`) become Deployments of relays and consumers, and Kafka topics.
 //!
-//! Layout: [`crd`] the types, [`plan`], [`topics`] and [`autoscale`] decide (pure), [`conditions`] computes kstatus,
+//! Layout: [`crd`] the types, [`plan`], [`connection`], [`topics`] and [`autoscale`] decide (pure),
+//! [`conditions`] computes kstatus,
 //! [`reconcile`] does the IO (server-side apply, topic admin, status), [`metrics`] counts, [`cli`] runs.
 
 pub mod autoscale;
 pub mod cli;
 pub mod conditions;
+pub mod connection;
 pub mod crd;
 pub mod metrics;
 pub mod plan;

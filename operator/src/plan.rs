@@ -18,8 +18,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
+use crate::connection::{self, SecretUse};
 use crate::crd::{
     ConsumerGroup, CoordinationMode, KafkaSpec, OutboxRelay, PoisonPolicy, Retention, SecretKeyRef,
+    Template,
 };
 
 /// The one field manager of every server-side apply.
@@ -163,6 +165,7 @@ fn kafka_env(kafka: &KafkaSpec, config_var: &str) -> Vec<EnvVar> {
     if let Some(s) = &kafka.config_secret_ref {
         v.push(env_secret(config_var, s));
     }
+    v.extend(connection::kafka_env(kafka));
     v
 }
 
@@ -186,6 +189,8 @@ pub fn restricted_pod_security() -> PodSecurityContext {
         run_as_non_root: Some(true),
         run_as_user: Some(RUN_AS_USER),
         run_as_group: Some(RUN_AS_USER),
+        // Group of mounted Secret files (mode 0400 becomes 0440 root:65532), so the process reads them.
+        fs_group: Some(RUN_AS_USER),
         seccomp_profile: Some(SeccompProfile {
             type_: "RuntimeDefault".into(),
             localhost_profile: None,
@@ -209,22 +214,60 @@ pub fn restricted_container_security() -> SecurityContext {
 }
 
 /// The pod template shared by relays and consumers: one container, probes on /healthz and /readyz,
-/// the metrics port, restricted security, a writable /tmp on an emptyDir (the root is read-only).
+/// the metrics port, restricted security, a writable /tmp on an emptyDir (the root is read-only), the
+/// mounted Secret keys of the connections, then the user's `spec.template` (checked by
+/// [`validate_template`] first, so it adds and never replaces).
 fn pod_template(
     component: &str,
     instance: &str,
     service_account: Option<String>,
-    container: Container,
+    mut container: Container,
+    files: &[SecretUse],
+    template: Option<&Template>,
 ) -> PodTemplateSpec {
     let mut labels = labels(component, instance);
     labels.retain(|k, _| k != "app.kubernetes.io/managed-by");
+    let mut annotations = BTreeMap::from([
+        ("prometheus.io/scrape".into(), "true".into()),
+        ("prometheus.io/port".into(), METRICS_PORT.to_string()),
+    ]);
+    let mut volumes = vec![Volume {
+        name: "tmp".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Default::default()
+    }];
+    let mut mounts = vec![VolumeMount {
+        name: "tmp".into(),
+        mount_path: "/tmp".into(),
+        ..Default::default()
+    }];
+    if let Some((v, m)) = connection::secrets_volume(files) {
+        volumes.push(v);
+        mounts.push(m);
+    }
+    let pod_settings = template.and_then(|t| t.pod.clone()).unwrap_or_default();
+    let container_settings = template
+        .and_then(|t| t.container.clone())
+        .unwrap_or_default();
+    if let Some(m) = &pod_settings.metadata {
+        labels.extend(m.labels.clone());
+        annotations.extend(m.annotations.clone());
+    }
+    volumes.extend(pod_settings.volumes);
+    mounts.extend(container_settings.volume_mounts);
+    container
+        .env
+        .get_or_insert_with(Vec::new)
+        .extend(container_settings.env);
+    container.env_from = non_empty(container_settings.env_from);
+    let service_account = pod_settings.service_account_name.or(service_account);
+    fn non_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
+        (!v.is_empty()).then_some(v)
+    }
     PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(labels),
-            annotations: Some(BTreeMap::from([
-                ("prometheus.io/scrape".into(), "true".into()),
-                ("prometheus.io/port".into(), METRICS_PORT.to_string()),
-            ])),
+            annotations: Some(annotations),
             ..Default::default()
         }),
         spec: Some(PodSpec {
@@ -232,6 +275,13 @@ fn pod_template(
             automount_service_account_token: Some(component == "relay"),
             security_context: Some(restricted_pod_security()),
             termination_grace_period_seconds: Some(30),
+            image_pull_secrets: non_empty(pod_settings.image_pull_secrets),
+            node_selector: (!pod_settings.node_selector.is_empty())
+                .then_some(pod_settings.node_selector),
+            tolerations: non_empty(pod_settings.tolerations),
+            affinity: pod_settings.affinity,
+            topology_spread_constraints: non_empty(pod_settings.topology_spread_constraints),
+            priority_class_name: pod_settings.priority_class_name,
             containers: vec![Container {
                 ports: Some(vec![ContainerPort {
                     name: Some("http".into()),
@@ -242,21 +292,106 @@ fn pod_template(
                 liveness_probe: Some(http_probe("/healthz", 10, 3)),
                 readiness_probe: Some(http_probe("/readyz", 5, 2)),
                 security_context: Some(restricted_container_security()),
-                volume_mounts: Some(vec![VolumeMount {
-                    name: "tmp".into(),
-                    mount_path: "/tmp".into(),
-                    ..Default::default()
-                }]),
+                volume_mounts: Some(mounts),
                 ..container
             }],
-            volumes: Some(vec![Volume {
-                name: "tmp".into(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
-                ..Default::default()
-            }]),
+            volumes: Some(volumes),
             ..Default::default()
         }),
     }
+}
+
+/// Annotation of the pod template holding a hash of every Secret key the pods read: a rotated Secret
+/// changes it, and the Deployment rolls.
+pub const SECRET_HASH_ANNOTATION: &str = "outbox.dev/secret-hash";
+
+/// `deployment` with the hash of its Secrets' data on the pod template.
+pub fn with_secret_hash(mut deployment: Deployment, hash: &str) -> Deployment {
+    if let Some(spec) = deployment.spec.as_mut() {
+        spec.template
+            .metadata
+            .get_or_insert_with(Default::default)
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(SECRET_HASH_ANNOTATION.into(), hash.into());
+    }
+    deployment
+}
+
+/// Refuses a `spec.template` that would replace what the operator sets: its labels, annotations,
+/// volumes, mount paths or environment; and a ServiceAccount on a relay.
+pub fn validate_template(
+    template: Option<&Template>,
+    component: &str,
+    managed_env: &[EnvVar],
+) -> Result<(), SpecError> {
+    let Some(t) = template else { return Ok(()) };
+    let pod = t.pod.clone().unwrap_or_default();
+    if let Some(m) = &pod.metadata {
+        if let Some(k) = m
+            .labels
+            .keys()
+            .find(|k| k.starts_with("app.kubernetes.io/"))
+        {
+            return Err(spec_error(
+                format!("spec.template.pod.metadata.labels[{k}]"),
+                "app.kubernetes.io/* labels are set by the operator (the Deployment selects on them)",
+            ));
+        }
+        if let Some(k) = m
+            .annotations
+            .keys()
+            .find(|k| k.starts_with("outbox.dev/") || k.starts_with("prometheus.io/"))
+        {
+            return Err(spec_error(
+                format!("spec.template.pod.metadata.annotations[{k}]"),
+                "outbox.dev/* and prometheus.io/* annotations are set by the operator",
+            ));
+        }
+    }
+    if component == "relay" && pod.service_account_name.is_some() {
+        return Err(spec_error(
+            "spec.template.pod.serviceAccountName",
+            "a relay runs as the `<name>-relay` ServiceAccount the operator binds to its Lease Role",
+        ));
+    }
+    for (i, v) in pod.volumes.iter().enumerate() {
+        if v.name == "tmp" || v.name.starts_with("outbox-") {
+            return Err(spec_error(
+                format!("spec.template.pod.volumes[{i}].name"),
+                format!("`{}` is the operator's (tmp, outbox-*)", v.name),
+            ));
+        }
+    }
+    let c = t.container.clone().unwrap_or_default();
+    for (i, m) in c.volume_mounts.iter().enumerate() {
+        let p = m.mount_path.trim_end_matches('/');
+        if p == "/tmp" || p == connection::SECRETS_DIR || p.starts_with("/etc/outbox/") {
+            return Err(spec_error(
+                format!("spec.template.container.volumeMounts[{i}].mountPath"),
+                format!(
+                    "`{}` is the operator's (/tmp, {})",
+                    m.mount_path,
+                    connection::SECRETS_DIR
+                ),
+            ));
+        }
+        if !pod.volumes.iter().any(|v| v.name == m.name) {
+            return Err(spec_error(
+                format!("spec.template.container.volumeMounts[{i}].name"),
+                format!("no volume `{}` in spec.template.pod.volumes", m.name),
+            ));
+        }
+    }
+    for (i, e) in c.env.iter().enumerate() {
+        if managed_env.iter().any(|m| m.name == e.name) {
+            return Err(spec_error(
+                format!("spec.template.container.env[{i}].name"),
+                format!("{} is set by the operator from the spec", e.name),
+            ));
+        }
+    }
+    Ok(())
 }
 
 fn deployment(
@@ -357,6 +492,7 @@ fn relay_env(cr: &OutboxRelay) -> Vec<EnvVar> {
         env_secret("DATABASE_URL", &s.database.secret_ref),
         env("OUTBOX_SCHEMA", s.database.schema.clone()),
     ];
+    v.extend(connection::database_env(s.database.tls.as_ref()));
     v.extend(kafka_env(&s.kafka, "RELAY_KAFKA_CONFIG"));
     let mode = match s.coordination.mode {
         CoordinationMode::Lease => "lease",
@@ -407,6 +543,94 @@ fn relay_env(cr: &OutboxRelay) -> Vec<EnvVar> {
     v
 }
 
+/// The Secret keys a relay pod mounts.
+pub fn relay_files(cr: &OutboxRelay) -> Vec<SecretUse> {
+    let mut f = connection::kafka_files(&cr.spec.kafka);
+    f.extend(connection::database_files(cr.spec.database.tls.as_ref()));
+    f
+}
+
+/// The Secret keys a consumer pod mounts.
+pub fn consumer_files(cr: &ConsumerGroup) -> Vec<SecretUse> {
+    let mut f = connection::kafka_files(&cr.spec.kafka);
+    f.extend(connection::database_files(cr.spec.database.tls.as_ref()));
+    f
+}
+
+fn by_env(field: &str, r: &SecretKeyRef) -> SecretUse {
+    SecretUse {
+        field: field.into(),
+        secret: r.name.clone(),
+        key: r.key.clone(),
+        file: None,
+    }
+}
+
+/// The Secret keys of a Kafka connection (`configSecretRef` and the mounted ones): what the topic admin
+/// reads.
+pub fn kafka_secret_uses(kafka: &KafkaSpec) -> Vec<SecretUse> {
+    let mut v: Vec<SecretUse> = kafka
+        .config_secret_ref
+        .iter()
+        .map(|r| by_env("spec.kafka.configSecretRef", r))
+        .collect();
+    v.extend(connection::kafka_files(kafka));
+    v
+}
+
+/// Every Secret key a relay pod reads (mounted or through env): checked before anything is applied, and
+/// hashed into the pod template.
+pub fn relay_secret_uses(cr: &OutboxRelay) -> Vec<SecretUse> {
+    let mut v = vec![by_env(
+        "spec.database.secretRef",
+        &cr.spec.database.secret_ref,
+    )];
+    v.extend(kafka_secret_uses(&cr.spec.kafka));
+    v.extend(connection::database_files(cr.spec.database.tls.as_ref()));
+    v
+}
+
+/// Every Secret key a consumer pod reads.
+pub fn consumer_secret_uses(cr: &ConsumerGroup) -> Vec<SecretUse> {
+    let mut v = vec![by_env(
+        "spec.database.secretRef",
+        &cr.spec.database.secret_ref,
+    )];
+    v.extend(kafka_secret_uses(&cr.spec.kafka));
+    v.extend(connection::database_files(cr.spec.database.tls.as_ref()));
+    v
+}
+
+/// The `deletionPolicy: Delete` topics of `deleting` that another ConsumerGroup on the same Kafka
+/// (same bootstrap) still lists, with those groups as `namespace/name`.
+pub fn topics_held_by_others(
+    deleting: &ConsumerGroup,
+    all: &[ConsumerGroup],
+) -> BTreeMap<String, Vec<String>> {
+    let mut held: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    let me = (&deleting.metadata.namespace, &deleting.metadata.name);
+    for other in all {
+        if (&other.metadata.namespace, &other.metadata.name) == me
+            || other.metadata.deletion_timestamp.is_some()
+            || other.spec.kafka.bootstrap != deleting.spec.kafka.bootstrap
+        {
+            continue;
+        }
+        for t in &deleting.spec.topics {
+            if t.deletion_policy == crate::crd::DeletionPolicy::Delete
+                && other.spec.topics.iter().any(|o| o.name == t.name)
+            {
+                held.entry(t.name.clone()).or_default().push(format!(
+                    "{}/{}",
+                    other.metadata.namespace.as_deref().unwrap_or_default(),
+                    other.metadata.name.as_deref().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    held
+}
+
 /// Checks what the schema cannot (or what an API server without CEL support let through).
 pub fn validate_relay(cr: &OutboxRelay) -> Result<(), SpecError> {
     let c = &cr.spec.coordination;
@@ -429,6 +653,7 @@ pub fn validate_relay(cr: &OutboxRelay) -> Result<(), SpecError> {
     {
         return Err(spec_error("spec.image", "must not be empty when set"));
     }
+    validate_template(cr.spec.template.as_ref(), "relay", &relay_env(cr))?;
     if cr.metadata.name.as_deref().unwrap_or_default().len() > 57 {
         return Err(spec_error(
             "metadata.name",
@@ -509,7 +734,14 @@ pub fn desired_relay(cr: &OutboxRelay, defaults: &Defaults) -> Result<RelayChild
             m(),
             replicas,
             selector.clone(),
-            pod_template("relay", &instance, Some(name.clone()), container),
+            pod_template(
+                "relay",
+                &instance,
+                Some(name.clone()),
+                container,
+                &relay_files(cr),
+                cr.spec.template.as_ref(),
+            ),
             Some(strategy),
         ),
         service: metrics_service(m(), selector.clone()),
@@ -543,6 +775,7 @@ fn consumer_env(cr: &ConsumerGroup) -> Vec<EnvVar> {
         env_secret("DATABASE_URL", &s.database.secret_ref),
         env("CONSUMER_INBOX_SCHEMA", s.database.schema.clone()),
     ];
+    v.extend(connection::database_env(s.database.tls.as_ref()));
     v.extend(kafka_env(&s.kafka, "CONSUMER_KAFKA_CONFIG"));
     v.extend([
         env("CONSUMER_HTTP_ADDR", format!("0.0.0.0:{METRICS_PORT}")),
@@ -570,6 +803,7 @@ pub fn validate_consumer(cr: &ConsumerGroup) -> Result<(), SpecError> {
         return Err(spec_error("spec.replicas", "must not be negative"));
     }
     check_env_overrides(&s.env, &consumer_env(cr))?;
+    validate_template(s.template.as_ref(), "consumer", &consumer_env(cr))?;
     if cr.metadata.name.as_deref().unwrap_or_default().len() > 54 {
         return Err(spec_error(
             "metadata.name",
@@ -600,7 +834,14 @@ pub fn desired_consumer(cr: &ConsumerGroup, replicas: i32) -> Result<ConsumerChi
             m(),
             replicas,
             selector.clone(),
-            pod_template("consumer", &instance, None, container),
+            pod_template(
+                "consumer",
+                &instance,
+                None,
+                container,
+                &consumer_files(cr),
+                cr.spec.template.as_ref(),
+            ),
             None,
         ),
         service: metrics_service(m(), selector.clone()),
@@ -898,6 +1139,72 @@ mod tests {
         );
         let e = desired_consumer(&group(json!({"image": ""})), 1).unwrap_err();
         assert_eq!(e.field, "spec.image");
+    }
+
+    #[test]
+    fn a_shared_topic_is_held_by_other_groups_on_the_same_kafka_only() {
+        let mine = group(json!({"topics": [
+            {"name": "orders", "partitions": 6, "deletionPolicy": "Delete"},
+            {"name": "scratch", "partitions": 1, "deletionPolicy": "Delete"},
+            {"name": "kept", "partitions": 1}]}));
+        let mut same = group(
+            json!({"topics": [{"name": "orders", "partitions": 6}, {"name": "kept", "partitions": 1}]}),
+        );
+        same.metadata.name = Some("billing".into());
+        same.metadata.namespace = Some("finance".into());
+        let mut elsewhere = group(
+            json!({"kafka": {"bootstrap": "other:9092"}, "topics": [{"name": "scratch", "partitions": 1}]}),
+        );
+        elsewhere.metadata.name = Some("lab".into());
+        let held = topics_held_by_others(&mine, &[mine.clone(), same, elsewhere]);
+        assert_eq!(
+            held,
+            BTreeMap::from([("orders".to_string(), vec!["finance/billing".to_string()])]),
+            "itself, Retain topics and another cluster's topic of the same name do not count"
+        );
+    }
+
+    #[test]
+    fn templates_cannot_replace_what_the_operator_sets() {
+        let t = |v: serde_json::Value| serde_json::from_value::<Template>(v).unwrap();
+        let env = consumer_env(&group(json!({})));
+        let field = |v| {
+            validate_template(Some(&t(v)), "consumer", &env)
+                .unwrap_err()
+                .field
+        };
+        assert_eq!(
+            field(json!({"pod": {"metadata": {"annotations": {"outbox.dev/secret-hash": "x"}}}})),
+            "spec.template.pod.metadata.annotations[outbox.dev/secret-hash]"
+        );
+        assert_eq!(
+            field(json!({"pod": {"volumes": [{"name": "outbox-secrets", "emptyDir": {}}]}})),
+            "spec.template.pod.volumes[0].name"
+        );
+        assert_eq!(
+            field(json!({"container": {"volumeMounts": [{"name": "nope", "mountPath": "/data"}]}})),
+            "spec.template.container.volumeMounts[0].name"
+        );
+        assert_eq!(
+            field(json!({"container": {"env": [{"name": "KAFKA_BOOTSTRAP", "value": "evil:1"}]}})),
+            "spec.template.container.env[0].name"
+        );
+        assert!(validate_template(
+            Some(&t(json!({"pod": {"serviceAccountName": "wi"}}))),
+            "consumer",
+            &env
+        )
+        .is_ok());
+        assert_eq!(
+            validate_template(
+                Some(&t(json!({"pod": {"serviceAccountName": "wi"}}))),
+                "relay",
+                &env
+            )
+            .unwrap_err()
+            .field,
+            "spec.template.pod.serviceAccountName"
+        );
     }
 
     #[test]

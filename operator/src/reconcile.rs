@@ -21,6 +21,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use crate::conditions::{self, Health};
+use crate::connection::{self, SecretData, SecretUse};
 use crate::crd::{ConsumerGroup, DeletionPolicy, KafkaSpec, OutboxRelay};
 use crate::metrics::{Backoff, FailureLabel, KindLabel, Metrics};
 use crate::plan::{self, Defaults, FIELD_MANAGER};
@@ -93,8 +94,11 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Per-object error backoff.
     pub backoff: Backoff,
-    /// Requeue after a success (status refresh; the promise is "at most 30 s old").
+    /// Requeue after a success (status refresh; the promise is "at most 30 s old"). Also how soon a
+    /// rotated Secret rolls the pods: Secrets are not watched (see [`secret_hash`]).
     pub refresh: Duration,
+    /// The namespace the operator watches (`None`: all), where other ConsumerGroups may share a topic.
+    pub namespace: Option<String>,
 }
 
 impl Context {
@@ -133,6 +137,7 @@ impl Context {
             metrics,
             backoff: Backoff::default(),
             refresh: Duration::from_secs(30),
+            namespace: None,
         }
     }
 
@@ -387,10 +392,20 @@ async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Action, Error> 
             return Ok(Action::await_change());
         }
     };
+    let uses = plan::relay_secret_uses(obr);
+    let data = match read_secrets(&ctx.client, &ns, &uses).await {
+        Ok(d) => d,
+        Err(e) => {
+            stalled(ctx, obr, &previous, "SecretError", e.to_string()).await?;
+            ctx.event(obr, true, "SecretError", e.to_string()).await;
+            return Err(e);
+        }
+    };
     apply(&ctx.client, &ns, &children.service_account).await?;
     apply(&ctx.client, &ns, &children.role).await?;
     apply(&ctx.client, &ns, &children.role_binding).await?;
-    let dep = apply_deployment(ctx, obr, &ns, &children.deployment).await?;
+    let deployment = plan::with_secret_hash(children.deployment, &secret_hash(&data));
+    let dep = apply_deployment(ctx, obr, &ns, &deployment).await?;
     apply(&ctx.client, &ns, &children.service).await?;
     let child = plan::relay_child_name(obr);
     match &children.pdb {
@@ -412,51 +427,85 @@ async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Action, Error> 
     Ok(Action::requeue(ctx.refresh))
 }
 
-/// librdkafka properties from the Secret key `kafka.configSecretRef` (`k=v,k=v`).
-async fn kafka_props(
+/// Reads every Secret key in `uses` (each Secret once). A missing Secret or key is an [`Error::Secret`]
+/// naming the spec field, the Secret and the key.
+async fn read_secrets(
     client: &kube::Client,
     ns: &str,
-    kafka: &KafkaSpec,
-) -> Result<Vec<(String, String)>, Error> {
+    uses: &[SecretUse],
+) -> Result<SecretData, Error> {
+    let api = Api::<Secret>::namespaced(client.clone(), ns);
+    let mut secrets: BTreeMap<String, Option<Secret>> = BTreeMap::new();
+    let mut data = SecretData::new();
+    for u in uses {
+        if !secrets.contains_key(&u.secret) {
+            secrets.insert(u.secret.clone(), api.get_opt(&u.secret).await?);
+        }
+        let secret = secrets[&u.secret].as_ref().ok_or_else(|| {
+            Error::Secret(format!("{}: Secret `{}` not found", u.field, u.secret))
+        })?;
+        let value = secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(&u.key))
+            .ok_or_else(|| {
+                Error::Secret(format!(
+                    "{}: Secret `{}` has no key `{}`",
+                    u.field, u.secret, u.key
+                ))
+            })?;
+        data.insert((u.secret.clone(), u.key.clone()), value.0.clone());
+    }
+    Ok(data)
+}
+
+/// A hash of the data of every key the pods read (SHA-256, hex), for [`plan::with_secret_hash`].
+pub fn secret_hash(data: &SecretData) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for ((secret, key), value) in data {
+        for part in [secret.as_bytes(), key.as_bytes(), value.as_slice()] {
+            h.update((part.len() as u64).to_be_bytes());
+            h.update(part);
+        }
+    }
+    format!("{:x}", h.finalize())
+}
+
+/// The topic admin's librdkafka properties: `kafka.tls`/`kafka.authentication` with the Secret data
+/// inline, and the `k=v,k=v` of `kafka.configSecretRef`; a property both set is refused.
+fn admin_props(kafka: &KafkaSpec, data: &SecretData) -> Result<Vec<(String, String)>, Error> {
+    let typed = connection::admin_properties(kafka, data);
     let Some(r) = &kafka.config_secret_ref else {
-        return Ok(vec![]);
+        return Ok(typed);
     };
-    let secret = Api::<Secret>::namespaced(client.clone(), ns)
-        .get_opt(&r.name)
-        .await?
-        .ok_or_else(|| {
-            Error::Secret(format!(
-                "spec.kafka.configSecretRef: Secret `{}` not found",
-                r.name
-            ))
-        })?;
-    let raw = secret
-        .data
-        .and_then(|d| d.get(&r.key).cloned())
-        .ok_or_else(|| {
-            Error::Secret(format!(
-                "spec.kafka.configSecretRef: Secret `{}` has no key `{}`",
-                r.name, r.key
-            ))
-        })?;
-    let text = String::from_utf8(raw.0).map_err(|_| {
+    let raw = data
+        .get(&(r.name.clone(), r.key.clone()))
+        .cloned()
+        .unwrap_or_default();
+    let text = String::from_utf8(raw).map_err(|_| {
         Error::Secret(format!(
             "spec.kafka.configSecretRef: key `{}` is not UTF-8",
             r.key
         ))
     })?;
-    text.split(',')
-        .filter(|p| !p.trim().is_empty())
-        .map(|p| {
-            p.split_once('=')
-                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
-                .ok_or_else(|| {
-                    Error::Secret(format!(
-                        "spec.kafka.configSecretRef: `{p}` is not key=value"
-                    ))
-                })
-        })
-        .collect()
+    let mut props = Vec::new();
+    for p in text.split(',').filter(|p| !p.trim().is_empty()) {
+        let (k, v) = p.split_once('=').ok_or_else(|| {
+            Error::Secret(format!(
+                "spec.kafka.configSecretRef: `{p}` is not key=value"
+            ))
+        })?;
+        let k = k.trim().to_owned();
+        if typed.iter().any(|(t, _)| *t == k) {
+            return Err(Error::Secret(format!(
+                "spec.kafka.configSecretRef: `{k}` is also set by spec.kafka.tls/authentication; set it once"
+            )));
+        }
+        props.push((k, v.trim().to_owned()));
+    }
+    props.extend(typed);
+    Ok(props)
 }
 
 /// Reconciles one ConsumerGroup.
@@ -503,9 +552,9 @@ async fn set_finalizer(ctx: &Context, cg: &ConsumerGroup, present: bool) -> Resu
     Ok(())
 }
 
-async fn stalled(
+async fn stalled<K: Namespaced>(
     ctx: &Context,
-    cg: &ConsumerGroup,
+    cg: &K,
     previous: &[Condition],
     reason: &str,
     message: String,
@@ -514,11 +563,12 @@ async fn stalled(
         reason: reason.into(),
         message,
     };
-    let c = conditions::compute(previous, &h, cg.metadata.generation, Timestamp::now());
+    let generation = cg.meta().generation;
+    let c = conditions::compute(previous, &h, generation, Timestamp::now());
     patch_status(
         &ctx.client,
         cg,
-        json!({ "conditions": c, "observedGeneration": cg.metadata.generation }),
+        json!({ "conditions": c, "observedGeneration": generation }),
     )
     .await?;
     Ok(())
@@ -531,14 +581,37 @@ async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<Action, Err
     let has_finalizer = cg.finalizers().iter().any(|f| f == TOPIC_FINALIZER);
     if cg.metadata.deletion_timestamp.is_some() {
         if has_finalizer {
-            let props = kafka_props(&ctx.client, &ns, &cg.spec.kafka).await?;
+            let uses = plan::kafka_secret_uses(&cg.spec.kafka);
+            let data = read_secrets(&ctx.client, &ns, &uses).await?;
+            let props = admin_props(&cg.spec.kafka, &data)?;
             let admin = (ctx.admins)(&cg.spec.kafka.bootstrap, &props)?;
+            let others = match &ctx.namespace {
+                Some(n) => Api::<ConsumerGroup>::namespaced(ctx.client.clone(), n),
+                None => Api::<ConsumerGroup>::all(ctx.client.clone()),
+            }
+            .list(&Default::default())
+            .await?;
+            let held = plan::topics_held_by_others(cg, &others.items);
             for t in cg
                 .spec
                 .topics
                 .iter()
                 .filter(|t| t.deletion_policy == DeletionPolicy::Delete)
             {
+                if let Some(holders) = held.get(&t.name) {
+                    ctx.event(
+                        cg,
+                        false,
+                        "TopicKept",
+                        format!(
+                            "kept topic {} (deletionPolicy: Delete): still listed by ConsumerGroup {}",
+                            t.name,
+                            holders.join(", ")
+                        ),
+                    )
+                    .await;
+                    continue;
+                }
                 admin.delete(&t.name).await?;
                 ctx.event(
                     cg,
@@ -566,13 +639,19 @@ async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<Action, Err
         set_finalizer(ctx, cg, !has_finalizer).await?;
     }
 
-    let props = match kafka_props(&ctx.client, &ns, &cg.spec.kafka).await {
+    let uses = plan::consumer_secret_uses(cg);
+    let secrets = match read_secrets(&ctx.client, &ns, &uses)
+        .await
+        .and_then(|data| Ok((admin_props(&cg.spec.kafka, &data)?, data)))
+    {
         Ok(p) => p,
         Err(e) => {
             stalled(ctx, cg, &previous, "SecretError", e.to_string()).await?;
+            ctx.event(cg, true, "SecretError", e.to_string()).await;
             return Err(e);
         }
     };
+    let (props, data) = secrets;
     let names: Vec<String> = cg.spec.topics.iter().map(|t| t.name.clone()).collect();
     let topic_result = async {
         let admin = (ctx.admins)(&cg.spec.kafka.bootstrap, &props)?;
@@ -638,7 +717,8 @@ async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<Action, Err
 
     // Validated above, before any topic was touched.
     let children = plan::desired_consumer(cg, plan.effective_replicas)?;
-    let dep = apply_deployment(ctx, cg, &ns, &children.deployment).await?;
+    let deployment = plan::with_secret_hash(children.deployment, &secret_hash(&data));
+    let dep = apply_deployment(ctx, cg, &ns, &deployment).await?;
     apply(&ctx.client, &ns, &children.service).await?;
     match &children.pdb {
         Some(p) => drop(apply(&ctx.client, &ns, p).await?),

@@ -71,6 +71,13 @@ async fn bed() -> Bed {
     common::install_crds(&admin_client).await;
     let client = common::operator_client(plane).await;
     let ns = plane.namespace("autoscale").await;
+    common::put_secret(
+        &admin_client,
+        &ns,
+        "orders-db",
+        &[("url", "postgres://outbox@db/shop")],
+    )
+    .await;
     let mock = mock_cluster(1, &[("orders", 6)]);
     let bootstrap = mock.bootstrap_servers();
     let admin = Arc::new(MockLag {

@@ -37,6 +37,7 @@ async fn serves_probes_and_metrics_and_follows_changes() {
     let client = plane.client().await;
     common::install_crds(&client).await;
     let ns = plane.namespace("binary").await;
+    common::put_secret(&client, &ns, "db", &[("url", "postgres://outbox@db/shop")]).await;
     let sa = common::apply_chart_rbac(plane, "outbox-operator", |_| {}).await;
     let kubeconfig = plane
         .service_account(common::OPERATOR_NS, &sa)

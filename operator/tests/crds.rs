@@ -56,9 +56,20 @@ fn names_scale_subresource_and_columns() {
         .map(|c| c["name"].as_str().unwrap())
         .collect();
     assert_eq!(cols, ["Ready", "Leader", "Backlog", "Age"]);
-    // Secrets are referenced, never inlined: no field of the relay spec is called password or url.
-    let spec =
-        obr["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].to_string();
+    // Secrets are referenced, never inlined: no field of the relay spec is called password or url, but
+    // for `passwordSecret.password`, which (as in Strimzi) names the key in the Secret.
+    let mut spec =
+        obr["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"].clone();
+    let auth = &mut spec["properties"]["kafka"]["properties"]["authentication"]["properties"];
+    let key = auth["passwordSecret"]["properties"]["password"]["description"].clone();
+    assert!(
+        key.as_str()
+            .unwrap()
+            .starts_with("Key of the password in the Secret"),
+        "{key}"
+    );
+    auth["passwordSecret"] = json!({});
+    let spec = spec.to_string();
     assert!(
         !spec.contains("\"password\"") && !spec.contains("\"url\":{"),
         "{spec}"
@@ -109,6 +120,7 @@ fn group(group_id: &str, topics: &[(&str, i32)]) -> ConsumerGroup {
             image: "demo-consumer:dev".into(),
             env: vec![],
             resources: None,
+            template: None,
         },
     )
 }
@@ -133,11 +145,17 @@ fn the_examples_parse_and_pass_the_cel_rules() {
     let relay: OutboxRelay = serde_norway::from_str(&read("outboxrelay.yaml")).unwrap();
     relay.validate_cel().unwrap();
     assert_eq!(relay.spec.replicas, 2);
+    let secured: OutboxRelay =
+        serde_norway::from_str(&read("outboxrelay-strimzi-scram.yaml")).unwrap();
+    secured.validate_cel().unwrap();
+    operator::plan::validate_relay(&secured).unwrap();
     for f in [
         "consumergroup-pharmacy.yaml",
         "consumergroup-notification.yaml",
+        "consumergroup-mtls.yaml",
     ] {
         let g: ConsumerGroup = serde_norway::from_str(&read(f)).unwrap();
+        operator::plan::validate_consumer(&g).unwrap();
         g.validate_cel().unwrap();
         assert_eq!(g.spec.topics[0].name, "orders", "{f}");
     }

@@ -59,10 +59,15 @@ async fn the_examples_are_accepted() {
     let relays = Api::<OutboxRelay>::namespaced(client.clone(), &ns);
     let relay = apply(&relays, &example("outboxrelay.yaml")).await.unwrap();
     assert_eq!(relay.spec.coordination.lease_duration_seconds, 15);
+    let secured = apply(&relays, &example("outboxrelay-strimzi-scram.yaml"))
+        .await
+        .unwrap();
+    assert!(secured.spec.kafka.authentication.is_some());
     let groups = Api::<ConsumerGroup>::namespaced(client, &ns);
     for file in [
         "consumergroup-pharmacy.yaml",
         "consumergroup-notification.yaml",
+        "consumergroup-mtls.yaml",
     ] {
         let g = apply(&groups, &example(file)).await.unwrap();
         assert_eq!(g.spec.topics[0].name, "orders", "{file}");
@@ -282,4 +287,88 @@ async fn bad_autoscaling_is_refused_naming_the_field() {
         ),
         (0, 1, 0, 300, 15)
     );
+}
+
+#[tokio::test]
+async fn kafka_security_settings_that_cannot_work_are_refused_by_the_server() {
+    let plane = control_plane::shared();
+    let client = plane.client().await;
+    common::install_crds(&client).await;
+    let ns = plane.namespace("kafka-security").await;
+    let relays = Api::<OutboxRelay>::namespaced(client.clone(), &ns);
+    let groups = Api::<ConsumerGroup>::namespaced(client, &ns);
+    let with = |kafka: Value| {
+        let mut r = relay("orders", json!({}));
+        r["spec"]["kafka"] = kafka;
+        r
+    };
+    let password = json!({"secretName": "shop", "password": "password"});
+    let cert = json!({"secretName": "shop", "certificate": "user.crt", "key": "user.key"});
+    for (kafka, message) in [
+        (
+            json!({"bootstrap": "k:9093", "tls": {}, "authentication": {"type": "tls"}}),
+            "type tls needs certificateAndKey",
+        ),
+        (
+            json!({"bootstrap": "k:9093", "authentication": {"type": "scram-sha-512", "username": "shop"}}),
+            "SASL types (scram-sha-256, scram-sha-512, plain) need username and passwordSecret",
+        ),
+        (
+            json!({"bootstrap": "k:9093", "authentication": {"type": "plain", "username": "u",
+                "passwordSecret": password, "certificateAndKey": cert}}),
+            "certificateAndKey belongs to type tls",
+        ),
+        (
+            json!({"bootstrap": "k:9093", "authentication": {"type": "tls", "certificateAndKey": cert}}),
+            "authentication type tls needs kafka.tls",
+        ),
+        (
+            json!({"bootstrap": "k:9093", "authentication": {"type": "kerberos"}}),
+            "spec.kafka.authentication.type",
+        ),
+    ] {
+        let m = refused(apply(&relays, &with(kafka.clone())).await);
+        assert!(
+            m.contains(message) && m.contains("spec.kafka"),
+            "{kafka}: {m}"
+        );
+    }
+    // Strimzi's shapes are accepted: TLS + SCRAM, and mutual TLS.
+    let r = apply(
+        &relays,
+        &with(json!({"bootstrap": "my-cluster-kafka-bootstrap:9093",
+            "tls": {"trustedCertificates": [{"secretName": "my-cluster-cluster-ca-cert", "certificate": "ca.crt"}]},
+            "authentication": {"type": "scram-sha-512", "username": "shop", "passwordSecret": password}})),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        r.spec.kafka.authentication.unwrap().username.as_deref(),
+        Some("shop")
+    );
+    let mut g = group("pharmacy", &[("orders", 6)]);
+    g["spec"]["kafka"] = json!({"bootstrap": "k:9093", "tls": {},
+        "authentication": {"type": "tls", "certificateAndKey": cert}});
+    g["spec"]["database"]["tls"] = json!({"caSecretRef": {"name": "pg-ca", "key": "ca.crt"}});
+    let g = apply(&groups, &g).await.unwrap();
+    assert!(g.spec.database.tls.is_some());
+}
+
+/// The README's install command, `kubectl apply -f crds/` (client-side apply), works: the CRDs with the
+/// embedded core/v1 schemas (affinity, volumes, ...) stay under the 256 KiB annotation limit it writes.
+#[tokio::test]
+async fn kubectl_apply_installs_the_generated_crds() {
+    let plane = control_plane::shared();
+    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../crds");
+    let out = plane
+        .kubectl(&["apply", "-f", crds.to_str().unwrap()])
+        .expect("kubectl runs");
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("consumergroups.outbox.dev"), "{said}");
 }

@@ -157,7 +157,13 @@ async fn install_upgrade_and_uninstall_with_defaults() {
         "upgrade",
         "outbox-operator",
         &ns,
-        &json!({"operator": {"logLevel": "debug"}}),
+        &json!({
+            "operator": {"logLevel": "debug", "podLabels": {"team": "platform"},
+                "podAnnotations": {"linkerd.io/inject": "enabled"}, "priorityClassName": "platform-critical",
+                "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                    "whenUnsatisfiable": "ScheduleAnyway"}]},
+            "imagePullSecrets": [{"name": "registry-credentials"}],
+        }),
         &plane.kubeconfig(),
     );
     assert_eq!(upgraded["revision"], 2);
@@ -166,10 +172,21 @@ async fn install_upgrade_and_uninstall_with_defaults() {
         .get("outbox-operator")
         .await
         .unwrap();
-    let env = dep.spec.unwrap().template.spec.unwrap().containers[0]
-        .env
-        .clone()
-        .unwrap();
+    let template = dep.spec.unwrap().template;
+    let meta = template.metadata.unwrap();
+    assert_eq!(meta.labels.unwrap()["team"], "platform");
+    assert_eq!(meta.annotations.unwrap()["linkerd.io/inject"], "enabled");
+    let pod = template.spec.unwrap();
+    assert_eq!(
+        pod.image_pull_secrets.unwrap()[0].name,
+        "registry-credentials"
+    );
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("platform-critical")
+    );
+    assert_eq!(pod.topology_spread_constraints.unwrap().len(), 1);
+    let env = pod.containers[0].env.clone().unwrap();
     assert!(
         env.iter()
             .any(|e| e.name == "RUST_LOG" && e.value.as_deref() == Some("debug")),

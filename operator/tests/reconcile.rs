@@ -101,14 +101,16 @@ async fn harness() -> Harness {
     let client = common::operator_client(plane).await;
     let ns = plane.namespace("reconcile").await;
     let (ctx, admin, connections) = context(&client);
-    Harness {
+    let h = Harness {
         admin_client,
         ns,
         real: true,
         ctx,
         admin,
         connections,
-    }
+    };
+    h.create_database_secret().await;
+    h
 }
 
 /// On kube-fake-client, for faults the real server cannot be made to produce.
@@ -119,17 +121,30 @@ async fn fake_harness(builder: ClientBuilder) -> Harness {
         .await
         .unwrap();
     let (ctx, admin, connections) = context(&client);
-    Harness {
+    let h = Harness {
         admin_client: client.clone(),
         ns: FAKE_NS.into(),
         real: false,
         ctx,
         admin,
         connections,
-    }
+    };
+    h.create_database_secret().await;
+    h
 }
 
 impl Harness {
+    /// The Secret every resource of these tests references (`orders-db`, key `url`).
+    async fn create_database_secret(&self) {
+        self.put_secret("orders-db", &[("url", "postgres://outbox@db:5432/shop")])
+            .await;
+    }
+
+    /// Creates or replaces Secret `name` with these keys.
+    async fn put_secret(&self, name: &str, data: &[(&str, &str)]) {
+        common::put_secret(&self.admin_client, &self.ns, name, data).await;
+    }
+
     /// `K` in this test's namespace, as the admin sees it.
     fn api<K: Namespaced>(&self) -> Api<K> {
         Api::namespaced(self.admin_client.clone(), &self.ns)
@@ -1027,6 +1042,7 @@ async fn a_verb_missing_from_the_role_surfaces_as_forbidden_on_the_resource() {
         admin,
         connections,
     };
+    h.create_database_secret().await;
     h.create_relay(&relay("orders", json!({}))).await;
     let err = reconcile_relay(h.relay("orders").await, h.ctx.clone())
         .await
@@ -1051,4 +1067,440 @@ async fn a_verb_missing_from_the_role_surfaces_as_forbidden_on_the_resource() {
     }
     assert_eq!(condition(&st.conditions, "Stalled").unwrap().status, "True");
     assert!(h.has_event("Forbidden", "deployments").await);
+}
+
+/// A relay and a group with every secured connection setting, and the Secrets they name.
+async fn secured(h: &Harness) -> serde_json::Value {
+    h.put_secret(
+        "kafka-ca",
+        &[("ca.crt", "-----BEGIN CERTIFICATE-----\nCA\n")],
+    )
+    .await;
+    h.put_secret("shop-user", &[("password", "hunter2")]).await;
+    h.put_secret("pg-ca", &[("ca.crt", "PGCA")]).await;
+    h.put_secret("pg-client", &[("tls.crt", "CRT"), ("tls.key", "KEY")])
+        .await;
+    json!({
+        "kafka": {
+            "bootstrap": "my-cluster-kafka-bootstrap:9093",
+            "tls": {"trustedCertificates": [{"secretName": "kafka-ca", "certificate": "ca.crt"}]},
+            "authentication": {"type": "scram-sha-512", "username": "shop",
+                "passwordSecret": {"secretName": "shop-user", "password": "password"}},
+        },
+        "database": {
+            "secretRef": {"name": "orders-db", "key": "url"},
+            "tls": {"caSecretRef": {"name": "pg-ca", "key": "ca.crt"},
+                "clientCertificate": {"secretName": "pg-client", "certificate": "tls.crt", "key": "tls.key"}},
+        },
+    })
+}
+
+fn pod_spec(d: &Deployment) -> k8s_openapi::api::core::v1::PodSpec {
+    d.spec.clone().unwrap().template.spec.unwrap()
+}
+
+fn env_values(d: &Deployment) -> std::collections::BTreeMap<String, String> {
+    pod_spec(d).containers[0]
+        .env
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .filter_map(|e| Some((e.name, e.value?)))
+        .collect()
+}
+
+#[tokio::test]
+async fn secured_connections_mount_the_secrets_and_point_the_clients_at_them() {
+    let h = harness().await;
+    let spec = secured(&h).await;
+    h.create_relay(&relay("orders", spec.clone())).await;
+    h.reconcile_relay("orders").await;
+    let mut group_spec = spec.clone();
+    group_spec["database"]["schema"] = json!("inbox");
+    h.create_group(&group("pharmacy", group_spec)).await;
+    h.reconcile_group("pharmacy").await;
+    for name in ["orders-relay", "pharmacy-consumer"] {
+        // Stored by the real API server, so what it validated and defaulted.
+        let d = h.api::<Deployment>().get(name).await.unwrap();
+        let pod = pod_spec(&d);
+        let vol = pod
+            .volumes
+            .unwrap()
+            .into_iter()
+            .find(|v| v.name == "outbox-secrets")
+            .unwrap_or_else(|| panic!("{name}: no outbox-secrets volume"));
+        let projected = vol.projected.unwrap();
+        assert_eq!(projected.default_mode, Some(0o400), "{name}");
+        let mut items: Vec<(String, String, String)> = projected
+            .sources
+            .unwrap()
+            .into_iter()
+            .flat_map(|s| {
+                let s = s.secret.unwrap();
+                s.items
+                    .unwrap()
+                    .into_iter()
+                    .map(move |i| (s.name.clone(), i.key, i.path))
+            })
+            .collect();
+        items.sort();
+        assert_eq!(
+            items,
+            [
+                ("kafka-ca", "ca.crt", "kafka/ca-0.crt"),
+                ("pg-ca", "ca.crt", "database/ca.crt"),
+                ("pg-client", "tls.crt", "database/client.crt"),
+                ("pg-client", "tls.key", "database/client.key"),
+                ("shop-user", "password", "kafka/sasl-password"),
+            ]
+            .map(|(a, b, c)| (a.to_string(), b.to_string(), c.to_string()))
+        );
+        let mount = pod.containers[0]
+            .volume_mounts
+            .clone()
+            .unwrap()
+            .into_iter()
+            .find(|m| m.name == "outbox-secrets")
+            .unwrap();
+        assert_eq!(
+            (mount.mount_path.as_str(), mount.read_only),
+            ("/etc/outbox", Some(true))
+        );
+        assert_eq!(
+            pod.security_context.unwrap().fs_group,
+            Some(65532),
+            "the non-root process reads the 0400 files through its group"
+        );
+        let env = env_values(&d);
+        for (k, v) in [
+            ("KAFKA_TLS", "true"),
+            ("KAFKA_CA_FILE", "/etc/outbox/kafka/ca-0.crt"),
+            ("KAFKA_SASL_MECHANISM", "scram-sha-512"),
+            ("KAFKA_SASL_USERNAME", "shop"),
+            (
+                "KAFKA_SASL_PASSWORD_FILE",
+                "/etc/outbox/kafka/sasl-password",
+            ),
+            ("DATABASE_CA_FILE", "/etc/outbox/database/ca.crt"),
+            ("DATABASE_CERT_FILE", "/etc/outbox/database/client.crt"),
+            ("DATABASE_KEY_FILE", "/etc/outbox/database/client.key"),
+        ] {
+            assert_eq!(env.get(k).map(String::as_str), Some(v), "{name}: {k}");
+        }
+        assert!(
+            !env.values().any(|v| v.contains("hunter2")),
+            "no credential in the pod's environment"
+        );
+        let hash = d
+            .spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()[operator::plan::SECRET_HASH_ANNOTATION]
+            .clone();
+        assert_eq!(hash.len(), 64, "a SHA-256 of the referenced keys: {hash}");
+    }
+    // The operator's own topic admin gets the same settings, with the Secret data inline.
+    let (_, props) = h.connections.lock().unwrap().last().cloned().unwrap();
+    let props: std::collections::BTreeMap<String, String> = props.into_iter().collect();
+    assert_eq!(props["security.protocol"], "sasl_ssl");
+    assert_eq!(props["ssl.ca.pem"], "-----BEGIN CERTIFICATE-----\nCA");
+    assert_eq!(props["sasl.mechanism"], "SCRAM-SHA-512");
+    assert_eq!(props["sasl.password"], "hunter2");
+}
+
+#[tokio::test]
+async fn a_missing_secret_key_stalls_with_secret_error_naming_the_field() {
+    let h = harness().await;
+    let mut spec = secured(&h).await;
+    spec["kafka"]["tls"]["trustedCertificates"][0]["certificate"] = json!("cluster-ca.crt");
+    let cr = h.create_relay(&relay("orders", spec.clone())).await;
+    let err = reconcile_relay(cr, h.ctx.clone()).await.unwrap_err();
+    assert_eq!(err.reason(), "SecretError");
+    let st = h.relay("orders").await.status.clone().unwrap();
+    let ready = condition(&st.conditions, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "SecretError")
+    );
+    assert_eq!(
+        ready.message,
+        "spec.kafka.tls.trustedCertificates[0]: Secret `kafka-ca` has no key `cluster-ca.crt`"
+    );
+    assert_eq!(condition(&st.conditions, "Stalled").unwrap().status, "True");
+    assert!(
+        h.api::<Deployment>()
+            .get_opt("orders-relay")
+            .await
+            .unwrap()
+            .is_none(),
+        "nothing applied before every referenced key exists"
+    );
+    assert!(h.has_event("SecretError", "cluster-ca.crt").await);
+    // A missing Secret, on a group.
+    let mut spec = secured(&h).await;
+    spec["database"]["tls"]["caSecretRef"]["name"] = json!("no-such-ca");
+    let cr = h.create_group(&group("pharmacy", spec)).await;
+    let err = reconcile_consumer(cr, h.ctx.clone()).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "spec.database.tls.caSecretRef: Secret `no-such-ca` not found"
+    );
+}
+
+#[tokio::test]
+async fn rotating_a_referenced_secret_rolls_the_deployment() {
+    let h = harness().await;
+    let spec = secured(&h).await;
+    h.create_relay(&relay("orders", spec)).await;
+    h.reconcile_relay("orders").await;
+    let replica_sets = || async {
+        Api::<k8s_openapi::api::apps::v1::ReplicaSet>::namespaced(h.admin_client.clone(), &h.ns)
+            .list(&Default::default())
+            .await
+            .unwrap()
+            .items
+            .into_iter()
+            .filter(|r| {
+                r.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.name == "orders-relay")
+            })
+            .count()
+    };
+    test_support::wait_for("the first ReplicaSet", Duration::from_secs(30), || async {
+        (replica_sets().await == 1).then_some(())
+    })
+    .await;
+    let hash = |d: Deployment| {
+        d.spec
+            .unwrap()
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()[operator::plan::SECRET_HASH_ANNOTATION]
+            .clone()
+    };
+    let before = hash(h.api::<Deployment>().get("orders-relay").await.unwrap());
+    // Reconciling with unchanged Secrets changes nothing.
+    h.reconcile_relay("orders").await;
+    assert_eq!(
+        hash(h.api::<Deployment>().get("orders-relay").await.unwrap()),
+        before
+    );
+    // The SCRAM password is rotated: the next reconcile (at most `refresh` later) rolls the pods.
+    h.put_secret("shop-user", &[("password", "correct-horse")])
+        .await;
+    h.reconcile_relay("orders").await;
+    let after = hash(h.api::<Deployment>().get("orders-relay").await.unwrap());
+    assert_ne!(after, before);
+    test_support::wait_for(
+        "a new ReplicaSet after the rotation",
+        Duration::from_secs(30),
+        || async { (replica_sets().await == 2).then_some(()) },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_shared_topic_is_not_deleted_while_another_group_lists_it() {
+    let h = harness().await;
+    let plane = common::plane();
+    let other_ns = plane.namespace("reconcile-other").await;
+    common::put_secret(
+        &h.admin_client,
+        &other_ns,
+        "orders-db",
+        &[("url", "postgres://x@db/shop")],
+    )
+    .await;
+    let delete =
+        json!({"topics": [{"name": "shared", "partitions": 2, "deletionPolicy": "Delete"}]});
+    h.create_group(&group("pharmacy", delete.clone())).await;
+    h.reconcile_group("pharmacy").await;
+    let mut other = group("billing", delete);
+    other.metadata.namespace = Some(other_ns.clone());
+    Api::<ConsumerGroup>::namespaced(h.admin_client.clone(), &other_ns)
+        .create(&Default::default(), &other)
+        .await
+        .unwrap();
+    assert!(h.admin.state().topics.contains_key("shared"));
+    h.api::<ConsumerGroup>()
+        .delete("pharmacy", &Default::default())
+        .await
+        .unwrap();
+    h.reconcile_group("pharmacy").await;
+    assert!(
+        h.admin.state().topics.contains_key("shared"),
+        "still listed by {other_ns}/billing"
+    );
+    assert!(
+        h.has_event(
+            "TopicKept",
+            &format!("still listed by ConsumerGroup {other_ns}/billing")
+        )
+        .await
+    );
+    assert!(h
+        .api::<ConsumerGroup>()
+        .get_opt("pharmacy")
+        .await
+        .unwrap()
+        .is_none());
+    // The last group that lists it takes it along.
+    let billing = Api::<ConsumerGroup>::namespaced(h.admin_client.clone(), &other_ns);
+    reconcile_consumer(
+        Arc::new(billing.get("billing").await.unwrap()),
+        h.ctx.clone(),
+    )
+    .await
+    .unwrap();
+    billing
+        .delete("billing", &Default::default())
+        .await
+        .unwrap();
+    reconcile_consumer(
+        Arc::new(billing.get("billing").await.unwrap()),
+        h.ctx.clone(),
+    )
+    .await
+    .unwrap();
+    assert!(!h.admin.state().topics.contains_key("shared"));
+}
+
+#[tokio::test]
+async fn a_pod_template_adds_to_the_pods_and_cannot_replace_the_operators_settings() {
+    let h = harness().await;
+    let template = json!({"template": {
+        "pod": {
+            "metadata": {"labels": {"team": "shop"}, "annotations": {"linkerd.io/inject": "enabled"}},
+            "imagePullSecrets": [{"name": "registry"}],
+            "serviceAccountName": "pharmacy-workload",
+            "nodeSelector": {"kubernetes.io/os": "linux"},
+            "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "outbox", "effect": "NoSchedule"}],
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100,
+                "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname",
+                    "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "pharmacy"}}}}]}},
+            "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                "whenUnsatisfiable": "ScheduleAnyway", "labelSelector": {"matchLabels": {"app.kubernetes.io/instance": "pharmacy"}}}],
+            "priorityClassName": "outbox-critical",
+            "volumes": [{"name": "rules", "configMap": {"name": "pharmacy-rules"}}],
+        },
+        "container": {
+            "env": [{"name": "DEMO_REGION", "value": "eu"}],
+            "envFrom": [{"secretRef": {"name": "pharmacy-extra"}}],
+            "volumeMounts": [{"name": "rules", "mountPath": "/etc/rules", "readOnly": true}],
+        },
+    }});
+    h.create_group(&group("pharmacy", template.clone())).await;
+    h.reconcile_group("pharmacy").await;
+    let d = h
+        .api::<Deployment>()
+        .get("pharmacy-consumer")
+        .await
+        .unwrap();
+    let meta = d.spec.clone().unwrap().template.metadata.unwrap();
+    assert_eq!(meta.labels.as_ref().unwrap()["team"], "shop");
+    assert_eq!(
+        meta.labels.as_ref().unwrap()["app.kubernetes.io/name"],
+        "outbox-consumer"
+    );
+    assert_eq!(
+        meta.annotations.as_ref().unwrap()["linkerd.io/inject"],
+        "enabled"
+    );
+    assert_eq!(
+        meta.annotations.as_ref().unwrap()["prometheus.io/scrape"],
+        "true"
+    );
+    let pod = pod_spec(&d);
+    assert_eq!(pod.image_pull_secrets.unwrap()[0].name, "registry");
+    assert_eq!(
+        pod.service_account_name.as_deref(),
+        Some("pharmacy-workload")
+    );
+    assert_eq!(pod.node_selector.unwrap()["kubernetes.io/os"], "linux");
+    assert_eq!(
+        pod.tolerations.unwrap()[0].key.as_deref(),
+        Some("dedicated")
+    );
+    assert!(pod.affinity.unwrap().pod_anti_affinity.is_some());
+    assert_eq!(pod.topology_spread_constraints.unwrap()[0].max_skew, 1);
+    assert_eq!(pod.priority_class_name.as_deref(), Some("outbox-critical"));
+    let names: Vec<String> = pod.volumes.unwrap().into_iter().map(|v| v.name).collect();
+    assert_eq!(names, ["tmp", "rules"]);
+    let c = &pod.containers[0];
+    assert_eq!(env_values(&d)["DEMO_REGION"], "eu");
+    assert_eq!(
+        c.env_from.as_ref().unwrap()[0]
+            .secret_ref
+            .as_ref()
+            .unwrap()
+            .name,
+        "pharmacy-extra"
+    );
+    assert!(c
+        .volume_mounts
+        .as_ref()
+        .unwrap()
+        .iter()
+        .any(|m| m.mount_path == "/etc/rules"));
+    assert_eq!(
+        c.security_context
+            .as_ref()
+            .unwrap()
+            .read_only_root_filesystem,
+        Some(true),
+        "the operator's security context stays"
+    );
+
+    // What would replace the operator's settings is refused, naming the field; nothing is applied.
+    for (i, (bad, field)) in [
+        (
+            json!({"pod": {"metadata": {"labels": {"app.kubernetes.io/name": "x"}}}}),
+            "spec.template.pod.metadata.labels[app.kubernetes.io/name]",
+        ),
+        (
+            json!({"container": {"env": [{"name": "KAFKA_BOOTSTRAP", "value": "evil:9092"}]}}),
+            "spec.template.container.env[0].name",
+        ),
+        (
+            json!({"pod": {"volumes": [{"name": "x", "emptyDir": {}}]}, "container": {"volumeMounts": [{"name": "x", "mountPath": "/tmp"}]}}),
+            "spec.template.container.volumeMounts[0].mountPath",
+        ),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let name = format!("bad{i}");
+        h.create_group(&group(&name, json!({"template": bad}))).await;
+        assert_eq!(h.reconcile_group(&name).await, Action::await_change());
+        let st = h.group(&name).await.status.clone().unwrap();
+        let ready = condition(&st.conditions, "Ready").unwrap();
+        assert_eq!(ready.reason, "InvalidSpec");
+        assert!(ready.message.starts_with(&format!("{field}: ")), "{}", ready.message);
+        assert!(h
+            .api::<Deployment>()
+            .get_opt(&format!("{name}-consumer"))
+            .await
+            .unwrap()
+            .is_none());
+    }
+    // A relay keeps the ServiceAccount its Lease Role is bound to.
+    h.create_relay(&relay(
+        "orders",
+        json!({"template": {"pod": {"serviceAccountName": "mine"}}}),
+    ))
+    .await;
+    h.reconcile_relay("orders").await;
+    let st = h.relay("orders").await.status.clone().unwrap();
+    assert!(condition(&st.conditions, "Ready")
+        .unwrap()
+        .message
+        .starts_with("spec.template.pod.serviceAccountName: "));
 }

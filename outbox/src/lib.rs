@@ -24,6 +24,8 @@ mod event;
 mod publish;
 mod schema;
 #[cfg(feature = "surfaces")]
+pub mod security;
+#[cfg(feature = "surfaces")]
 pub mod service;
 #[cfg(feature = "surfaces")]
 pub mod surfaces;

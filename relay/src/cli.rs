@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use outbox::security::{merge_kafka_properties, DatabaseTlsArgs, KafkaSecurityArgs};
 use outbox::service::{
     config_error, database_options, exit_code, init_logging, shutdown_signal, wait_for_database,
     LogFormat,
@@ -53,6 +54,8 @@ struct DbArgs {
     /// Outbox schema.
     #[arg(long, env = "OUTBOX_SCHEMA", default_value = outbox::DEFAULT_SCHEMA, global = true)]
     schema: String,
+    #[command(flatten)]
+    tls: DatabaseTlsArgs,
 }
 
 #[derive(Debug, Args)]
@@ -67,6 +70,8 @@ struct KafkaArgs {
         value_delimiter = ','
     )]
     kafka_config: Vec<String>,
+    #[command(flatten)]
+    security: KafkaSecurityArgs,
     /// How long a record may wait for its acknowledgment before the attempt fails.
     #[arg(long, env = "RELAY_DELIVERY_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     delivery_timeout: Duration,
@@ -92,7 +97,7 @@ enum Command {
         notify_trigger: bool,
     },
     /// Re-publish archived events.
-    Replay(ReplayArgs),
+    Replay(Box<ReplayArgs>),
     /// Inspect and redrive dead-lettered events.
     #[command(subcommand)]
     Dead(DeadCommand),
@@ -275,6 +280,7 @@ enum DeadCommand {
 
 fn db_options(db: &DbArgs) -> anyhow::Result<(PgConnectOptions, SchemaName)> {
     let opts = database_options(db.database_url.as_deref(), "--database-url", "DATABASE_URL")?;
+    let opts = db.tls.apply(opts)?;
     let schema = SchemaName::new(&db.schema)
         .map_err(|e| config_error("--schema", "OUTBOX_SCHEMA", e.reason))?;
     Ok((opts, schema))
@@ -292,7 +298,11 @@ pub fn parse_kafka(brokers: &str, extra: &[String]) -> anyhow::Result<Vec<(Strin
 
 fn kafka_settings(k: &KafkaArgs) -> anyhow::Result<KafkaSettings> {
     Ok(KafkaSettings {
-        extra: parse_kafka(&k.brokers, &k.kafka_config)?,
+        extra: merge_kafka_properties(
+            parse_kafka(&k.brokers, &k.kafka_config)?,
+            k.security.properties(&std::env::temp_dir())?,
+            ("--kafka-config", "RELAY_KAFKA_CONFIG"),
+        )?,
         brokers: k.brokers.clone(),
         delivery_timeout: k.delivery_timeout,
         linger: k.linger,
@@ -330,7 +340,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Replay(args) => replay(args, opts, schema).await,
+        Command::Replay(args) => replay(*args, opts, schema).await,
         Command::Dead(cmd) => dead(cmd, opts, schema).await,
     }
 }

@@ -661,61 +661,31 @@ struct Pki {
 
 impl Pki {
     fn generate() -> anyhow::Result<Self> {
-        use rcgen::{
-            BasicConstraints, CertificateParams, DistinguishedName, DnType,
-            ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
-        };
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.distinguished_name = DistinguishedName::new();
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "outbox-test-ca");
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_key = KeyPair::generate()?;
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let issuer = Issuer::new(ca_params, &ca_key);
+        use rcgen::{ExtendedKeyUsagePurpose, KeyPair};
+        let ca = crate::tls::TestCa::new("outbox-test-ca")?;
         let mut files = vec![
-            ("ca.crt".to_string(), ca_cert.pem()),
-            ("ca.key".to_string(), ca_key.serialize_pem()),
+            ("ca.crt".to_string(), ca.pem().to_owned()),
+            ("ca.key".to_string(), ca.key_pem()),
         ];
         let mut leaf = |stem: &str,
-                        sans: Vec<String>,
+                        sans: &[&str],
                         cn: &str,
                         org: Option<&str>,
                         usage: ExtendedKeyUsagePurpose|
          -> anyhow::Result<()> {
-            let mut params = CertificateParams::new(sans)?;
-            params.distinguished_name = DistinguishedName::new();
-            params.distinguished_name.push(DnType::CommonName, cn);
-            if let Some(org) = org {
-                params
-                    .distinguished_name
-                    .push(DnType::OrganizationName, org);
-            }
-            params.key_usages = vec![
-                KeyUsagePurpose::DigitalSignature,
-                KeyUsagePurpose::KeyEncipherment,
-            ];
-            params.extended_key_usages = vec![usage];
-            let key = KeyPair::generate()?;
-            let cert = params.signed_by(&key, &issuer)?;
-            files.push((format!("{stem}.crt"), cert.pem()));
-            files.push((format!("{stem}.key"), key.serialize_pem()));
+            let l = ca.issue(cn, sans, org, usage)?;
+            files.push((format!("{stem}.crt"), l.cert_pem));
+            files.push((format!("{stem}.key"), l.key_pem));
             Ok(())
         };
         leaf(
             "apiserver",
-            vec![
-                "127.0.0.1".into(),
-                "localhost".into(),
-                "kubernetes".into(),
-                "kubernetes.default.svc".into(),
-                "10.96.0.1".into(),
+            &[
+                "127.0.0.1",
+                "localhost",
+                "kubernetes",
+                "kubernetes.default.svc",
+                "10.96.0.1",
             ],
             "kube-apiserver",
             None,
@@ -723,14 +693,14 @@ impl Pki {
         )?;
         leaf(
             "admin",
-            vec![],
+            &[],
             "outbox-test-admin",
             Some("system:masters"),
             ExtendedKeyUsagePurpose::ClientAuth,
         )?;
         leaf(
             "controller-manager",
-            vec![],
+            &[],
             "system:kube-controller-manager",
             None,
             ExtendedKeyUsagePurpose::ClientAuth,

@@ -137,6 +137,11 @@ pub struct Tansu {
 impl Tansu {
     /// Starts tansu and waits until it answers metadata requests.
     pub fn start() -> anyhow::Result<Self> {
+        Self::start_advertising(None)
+    }
+
+    /// Starts tansu advertising `127.0.0.1:advertised` (a proxy's port) instead of its own listener.
+    pub fn start_advertising(advertised: Option<u16>) -> anyhow::Result<Self> {
         let bin = tansu_bin();
         if !bin.exists() {
             bail!(
@@ -146,13 +151,14 @@ impl Tansu {
         }
         let port = crate::free_port();
         let url = format!("tcp://127.0.0.1:{port}");
+        let advertised = format!("tcp://127.0.0.1:{}", advertised.unwrap_or(port));
         let child = Command::new(&bin)
             .args([
                 "broker",
                 "--listener-url",
                 &url,
                 "--advertised-listener-url",
-                &url,
+                &advertised,
             ])
             .args(["--storage-engine", "memory://tansu/"])
             .stdin(Stdio::null())
@@ -184,6 +190,32 @@ impl Tansu {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Creates a SCRAM user (`tansu user create`; `sha512` false for SCRAM-SHA-256).
+    pub fn create_scram_user(
+        &self,
+        name: &str,
+        password: &str,
+        sha512: bool,
+    ) -> anyhow::Result<()> {
+        let out = Command::new(tansu_bin())
+            .args(["user", "create", "--broker"])
+            .arg(format!("tcp://127.0.0.1:{}", self.port))
+            .args([
+                "--mechanism",
+                if sha512 { "scram512" } else { "scram256" },
+                name,
+                password,
+            ])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "tansu user create {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
     /// Creates a topic through the admin API.
     pub async fn create_topic(&self, name: &str, partitions: i32) -> anyhow::Result<()> {
         let client: AdminClient<DefaultClientContext> = ClientConfig::new()
@@ -206,5 +238,113 @@ impl Drop for Tansu {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A tansu broker reachable only through a TLS listener (stunnel from Debian's `stunnel4` package) that
+/// terminates TLS and, with a client CA, requires a client certificate signed by it (mutual TLS). Tansu
+/// advertises the listener's port, so every connection a client makes after bootstrap goes through it too.
+pub struct TlsTansu {
+    port: u16,
+    stunnel: Child,
+    broker: Tansu,
+    dir: tempfile::TempDir,
+}
+
+/// The stunnel binary: `$STUNNEL`, else `stunnel4` or `stunnel` on the PATH.
+pub fn stunnel_bin() -> anyhow::Result<PathBuf> {
+    if let Some(p) = std::env::var_os("STUNNEL") {
+        return Ok(p.into());
+    }
+    for name in ["stunnel4", "stunnel"] {
+        for dir in std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default()) {
+            if dir.join(name).is_file() {
+                return Ok(dir.join(name));
+            }
+        }
+    }
+    bail!("stunnel not found (run `make setup`, which installs Debian's stunnel4, or set STUNNEL)")
+}
+
+impl TlsTansu {
+    /// Starts tansu and stunnel with this server certificate and key (PEM); with `client_ca_pem`, clients
+    /// must present a certificate that CA signed.
+    pub fn start(
+        cert_pem: &str,
+        key_pem: &str,
+        client_ca_pem: Option<&str>,
+    ) -> anyhow::Result<Self> {
+        let stunnel_bin = stunnel_bin()?;
+        let port = crate::free_port();
+        let broker = Tansu::start_advertising(Some(port))?;
+        let dir = tempfile::Builder::new()
+            .prefix("outbox-stunnel-")
+            .tempdir()?;
+        let file = |name: &str, text: &str| -> anyhow::Result<String> {
+            let p = dir.path().join(name);
+            std::fs::write(&p, text)?;
+            Ok(p.display().to_string())
+        };
+        let mut conf = format!(
+            "foreground = yes\npid =\ndebug = warning\n[kafka]\naccept = 127.0.0.1:{port}\nconnect = 127.0.0.1:{}\ncert = {}\nkey = {}\n",
+            broker.port,
+            file("server.crt", cert_pem)?,
+            file("server.key", key_pem)?,
+        );
+        if let Some(ca) = client_ca_pem {
+            conf.push_str(&format!(
+                "CAfile = {}\nverifyChain = yes\nrequireCert = yes\n",
+                file("client-ca.crt", ca)?
+            ));
+        }
+        let conf_path = file("stunnel.conf", &conf)?;
+        let log = std::fs::File::create(dir.path().join("stunnel.log"))?;
+        let stunnel = Command::new(&stunnel_bin)
+            .arg(&conf_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", stunnel_bin.display()))?;
+        crate::reaper::watch(stunnel.id(), "TERM", None);
+        let mut me = Self {
+            port,
+            stunnel,
+            broker,
+            dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Some(status) = me.stunnel.try_wait()? {
+                bail!("stunnel exited ({status}): {}", me.log());
+            }
+            if Instant::now() > deadline {
+                bail!("stunnel did not listen on 127.0.0.1:{port}: {}", me.log());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(me)
+    }
+
+    /// `bootstrap.servers` of the TLS listener.
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The broker's own plaintext port (clients that bootstrap there are still sent to the TLS port).
+    pub fn plain_port(&self) -> u16 {
+        self.broker.port
+    }
+
+    /// What stunnel logged (handshake failures, refused client certificates).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("stunnel.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TlsTansu {
+    fn drop(&mut self) {
+        let _ = self.stunnel.kill();
+        let _ = self.stunnel.wait();
     }
 }

@@ -1,12 +1,16 @@
 //! Real servers for tests and benchmarks, started on free loopback ports and torn down afterwards:
 //! a throwaway PostgreSQL cluster per process ([`pg`]), librdkafka's in-process mock cluster and a tansu
-//! broker ([`kafka`]), and a real Kubernetes control plane ([`control_plane`], feature `control-plane`). Nothing here touches a shared system database or a non-loopback address.
+//! broker ([`kafka`]) with an optional TLS listener (stunnel) in front, a real Kubernetes control plane
+//! ([`control_plane`], feature `control-plane`) and test certificate authorities ([`tls`], feature `tls`).
+//! Nothing here touches a shared system database or a non-loopback address.
 
 #[cfg(feature = "control-plane")]
 pub mod control_plane;
 pub mod kafka;
 pub mod pg;
 pub mod reaper;
+#[cfg(feature = "tls")]
+pub mod tls;
 
 use std::net::TcpListener;
 use std::time::{Duration, Instant};

@@ -50,6 +50,20 @@ pub fn pg_bin_dir() -> anyhow::Result<PathBuf> {
 impl PgServer {
     /// Initialises and starts a new cluster; returns once it accepts connections.
     pub fn start(durability: Durability) -> anyhow::Result<Self> {
+        Self::start_inner(durability, None)
+    }
+
+    /// Like [`PgServer::start`], with `ssl=on` and this certificate and key (PEM); clients may still connect
+    /// without TLS (the tests check what the product's clients do).
+    pub fn start_with_tls(
+        durability: Durability,
+        cert_pem: &str,
+        key_pem: &str,
+    ) -> anyhow::Result<Self> {
+        Self::start_inner(durability, Some((cert_pem, key_pem)))
+    }
+
+    fn start_inner(durability: Durability, tls: Option<(&str, &str)>) -> anyhow::Result<Self> {
         let bin = pg_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("outbox-pg-").tempdir()?;
         let data = dir.path().join("data");
@@ -98,6 +112,23 @@ impl PgServer {
             .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
             .arg(dir.path())
             .args(["-c", "max_connections=300", "-c", "shared_buffers=256MB"]);
+        if let Some((cert, key)) = tls {
+            use std::os::unix::fs::PermissionsExt;
+            let (cert_path, key_path) =
+                (dir.path().join("server.crt"), dir.path().join("server.key"));
+            std::fs::write(&cert_path, cert)?;
+            std::fs::write(&key_path, key)?;
+            // PostgreSQL refuses a key file others can read, and reads it as the server's user.
+            std::fs::set_permissions(&key_path, std::fs::Permissions::from_mode(0o600))?;
+            if let Some((uid, gid)) = run_as {
+                std::os::unix::fs::chown(&cert_path, Some(uid), Some(gid))?;
+                std::os::unix::fs::chown(&key_path, Some(uid), Some(gid))?;
+            }
+            cmd.args(["-c", "ssl=on", "-c"])
+                .arg(format!("ssl_cert_file={}", cert_path.display()))
+                .arg("-c")
+                .arg(format!("ssl_key_file={}", key_path.display()));
+        }
         if durability == Durability::Throwaway {
             cmd.args([
                 "-c",

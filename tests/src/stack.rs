@@ -39,6 +39,10 @@ pub struct Options {
     pub api_port: u16,
     /// Consumer group session timeout (how soon a killed consumer's partitions move).
     pub session_timeout: &'static str,
+    /// Environment every process gets besides the stack's (e.g. `DATABASE_CA_FILE`, `KAFKA_TLS`).
+    pub extra_env: Vec<(String, String)>,
+    /// librdkafka properties of the stack's own admin client (topic creation on a secured broker).
+    pub kafka_admin_config: Vec<(String, String)>,
 }
 
 impl Default for Options {
@@ -53,6 +57,8 @@ impl Default for Options {
             echo: false,
             api_port: 0,
             session_timeout: "6s",
+            extra_env: Vec::new(),
+            kafka_admin_config: Vec::new(),
         }
     }
 }
@@ -103,7 +109,7 @@ impl Stack {
         let topics = [(ORDERS_TOPIC, opts.partitions), ("orders.dlq", 1)];
         let (mock, bootstrap) = match &opts.kafka_bootstrap {
             Some(b) => {
-                create_topics(b, &topics).await?;
+                create_topics(b, &opts.kafka_admin_config, &topics).await?;
                 (None, b.clone())
             }
             None => {
@@ -169,14 +175,16 @@ impl Stack {
     }
 
     fn common_env(&self) -> Vec<(String, String)> {
-        vec![
+        let mut env = vec![
             ("DATABASE_URL".into(), self.database_url.clone()),
             ("KAFKA_BOOTSTRAP".into(), self.bootstrap.clone()),
             (
                 "RUST_LOG".into(),
                 std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into()),
             ),
-        ]
+        ];
+        env.extend(self.opts.extra_env.iter().cloned());
+        env
     }
 
     fn api_spec(&self, port: u16) -> anyhow::Result<Spec> {
@@ -365,10 +373,17 @@ impl Stack {
 }
 
 /// Creates the topics on a real Kafka; existing ones are left as they are.
-async fn create_topics(bootstrap: &str, topics: &[(&str, i32)]) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .create()?;
+async fn create_topics(
+    bootstrap: &str,
+    config: &[(String, String)],
+    topics: &[(&str, i32)],
+) -> anyhow::Result<()> {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", bootstrap);
+    for (k, v) in config {
+        c.set(k, v);
+    }
+    let admin: AdminClient<DefaultClientContext> = c.create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
         .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)))

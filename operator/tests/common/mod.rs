@@ -170,3 +170,29 @@ pub fn field_managers(meta: &kube::api::ObjectMeta, pointer: &str) -> Vec<String
         .map(|f| f.manager.clone().unwrap_or_default())
         .collect()
 }
+
+/// Creates or replaces Secret `name` in `ns` with these keys (what `kubectl create secret generic` makes).
+#[allow(dead_code)]
+pub async fn put_secret(client: &kube::Client, ns: &str, name: &str, data: &[(&str, &str)]) {
+    use kube::api::{Patch, PatchParams};
+    let data: serde_json::Map<String, serde_json::Value> = data
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                serde_json::json!(k8s_openapi::ByteString(v.as_bytes().to_vec())),
+            )
+        })
+        .collect();
+    let secret: k8s_openapi::api::core::v1::Secret =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}, "data": data}))
+            .unwrap();
+    kube::Api::<k8s_openapi::api::core::v1::Secret>::namespaced(client.clone(), ns)
+        .patch(
+            name,
+            &PatchParams::apply("test").force(),
+            &Patch::Apply(&secret),
+        )
+        .await
+        .unwrap();
+}
