@@ -177,8 +177,8 @@ def main():
 
     example_docs = [yaml.safe_load(f.read_text()) for f in sorted(Path(examples).glob("*.yaml"))]
     kinds = validate_docs(example_docs, crds, "examples")
-    if sorted(kinds) != ["ConsumerGroup", "ConsumerGroup", "OutboxRelay"]:
-        fail(f"examples/ holds {kinds}")
+    if sorted(set(kinds)) != ["ConsumerGroup", "OutboxRelay"]:
+        fail(f"examples/ holds {kinds}: expected OutboxRelays and ConsumerGroups")
     no_kafka = {"apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay", "metadata": {"name": "x"},
                 "spec": {"database": {"secretRef": {"name": "db", "key": "url"}}}}
     if crds["OutboxRelay"].is_valid(no_kafka):

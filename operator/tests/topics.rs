@@ -123,3 +123,64 @@ async fn lag_is_high_watermark_minus_committed_offset() {
         "(5-4) + (5-5)"
     );
 }
+
+/// The topic admin over mutual TLS with the settings a ConsumerGroup's `kafka.tls` and
+/// `kafka.authentication: {type: tls}` render, the PEM inline as the operator reads it from the Secrets —
+/// with a CA bundle of two certificates (another CA first), as during a Strimzi CA renewal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_manages_topics_over_mutual_tls_with_the_secrets_inline() {
+    use operator::connection::{admin_properties, SecretData};
+    use test_support::tls::TestCa;
+    let ca = TestCa::new("outbox-test-ca").unwrap();
+    let other = TestCa::new("retiring-ca").unwrap();
+    let server = ca.loopback_server().unwrap();
+    let client = ca.client("outbox-operator").unwrap();
+    let broker =
+        test_support::kafka::TlsTansu::start(&server.cert_pem, &server.key_pem, Some(ca.pem()))
+            .unwrap();
+    let kafka: operator::crd::KafkaSpec = serde_json::from_value(serde_json::json!({
+        "bootstrap": broker.bootstrap(),
+        "tls": {"trustedCertificates": [
+            {"secretName": "old-ca", "certificate": "ca.crt"},
+            {"secretName": "cluster-ca", "certificate": "ca.crt"}]},
+        "authentication": {"type": "tls", "certificateAndKey":
+            {"secretName": "operator-user", "certificate": "user.crt", "key": "user.key"}},
+    }))
+    .unwrap();
+    let key = |s: &str, k: &str| (s.to_string(), k.to_string());
+    let data = SecretData::from([
+        (key("old-ca", "ca.crt"), other.pem().as_bytes().to_vec()),
+        (key("cluster-ca", "ca.crt"), ca.pem().as_bytes().to_vec()),
+        (
+            key("operator-user", "user.crt"),
+            client.cert_pem.into_bytes(),
+        ),
+        (
+            key("operator-user", "user.key"),
+            client.key_pem.into_bytes(),
+        ),
+    ]);
+    let admin = KafkaAdmin::new(&broker.bootstrap(), &admin_properties(&kafka, &data)).unwrap();
+    admin.create(&topic("orders", 3, &[])).await.unwrap();
+    assert_eq!(
+        admin.describe(&["orders".to_string()]).await.unwrap(),
+        BTreeMap::from([("orders".to_string(), 3)])
+    );
+    // Without the client certificate the listener refuses the admin; the error says so.
+    let data_without_cert: SecretData = data
+        .into_iter()
+        .filter(|((s, _), _)| s != "operator-user")
+        .collect();
+    let refused = KafkaAdmin::new(
+        &broker.bootstrap(),
+        &admin_properties(&kafka, &data_without_cert),
+    )
+    .unwrap();
+    let err = refused.describe(&["orders".to_string()]).await.unwrap_err();
+    assert!(!err.to_string().is_empty());
+    assert!(
+        broker.log().contains("peer did not return a certificate"),
+        "{}",
+        broker.log()
+    );
+}

@@ -277,6 +277,7 @@ async fn ssl_and_scram_settings_are_accepted_by_the_build() {
         "security.protocol=SSL".to_string(),
         "security.protocol=SASL_SSL,sasl.mechanism=SCRAM-SHA-512,sasl.username=shop,sasl.password=x".to_string(),
         "security.protocol=SASL_PLAINTEXT,sasl.mechanism=SCRAM-SHA-256,sasl.username=shop,sasl.password=x".to_string(),
+        "security.protocol=SASL_SSL,sasl.mechanism=OAUTHBEARER,enable.sasl.oauthbearer.unsecure.jwt=true,sasl.oauthbearer.config=principal=shop".to_string(),
         "compression.type=zstd".to_string(),
     ] {
         let mut env = s.env("ca.crt");
