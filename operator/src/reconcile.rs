@@ -393,7 +393,12 @@ async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Action, Error> 
         }
     };
     let uses = plan::relay_secret_uses(obr);
-    let data = match read_secrets(&ctx.client, &ns, &uses).await {
+    // `admin_props` checks `configSecretRef` against the typed settings as the relay process would (exit 2),
+    // so the conflict shows on the resource instead of in a crash-looping pod.
+    let secrets = read_secrets(&ctx.client, &ns, &uses)
+        .await
+        .and_then(|data| admin_props(&obr.spec.kafka, &data).map(|_| data));
+    let data = match secrets {
         Ok(d) => d,
         Err(e) => {
             stalled(ctx, obr, &previous, "SecretError", e.to_string()).await?;

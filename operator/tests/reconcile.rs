@@ -1248,6 +1248,27 @@ async fn a_missing_secret_key_stalls_with_secret_error_naming_the_field() {
         err.to_string(),
         "spec.database.tls.caSecretRef: Secret `no-such-ca` not found"
     );
+    // A property both `configSecretRef` and the typed settings set: refused on the resource, where the
+    // relay process would exit 2 in a crash loop.
+    h.put_secret(
+        "kafka-extra",
+        &[("props", "security.protocol=SSL,acks=all")],
+    )
+    .await;
+    let mut spec = secured(&h).await;
+    spec["kafka"]["configSecretRef"] = json!({"name": "kafka-extra", "key": "props"});
+    let cr = h.create_relay(&relay("twice", spec)).await;
+    let err = reconcile_relay(cr, h.ctx.clone()).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "spec.kafka.configSecretRef: `security.protocol` is also set by spec.kafka.tls/authentication; set it once"
+    );
+    assert!(h
+        .api::<Deployment>()
+        .get_opt("twice-relay")
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test]
