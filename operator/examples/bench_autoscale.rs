@@ -84,6 +84,13 @@ async fn reaction() -> anyhow::Result<bool> {
     let admin_client = plane.client().await;
     common::install_crds(&admin_client).await;
     let ns = plane.namespace("bench-autoscale").await;
+    common::put_secret(
+        &admin_client,
+        &ns,
+        "db",
+        &[("url", "postgres://outbox@db/shop")],
+    )
+    .await;
     let memory = Arc::new(MemoryAdmin::default());
     let m = memory.clone();
     let ctx = Arc::new(Context::with_admins(

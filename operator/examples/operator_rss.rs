@@ -18,6 +18,13 @@ async fn main() -> anyhow::Result<()> {
     let plane = common::plane();
     let client = plane.client().await;
     common::install_crds(&client).await;
+    common::put_secret(
+        &client,
+        "default",
+        "db",
+        &[("url", "postgres://outbox@db/shop")],
+    )
+    .await;
     for i in 0..50 {
         let r: OutboxRelay = serde_json::from_value(json!({
             "apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay",
