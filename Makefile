@@ -1,5 +1,5 @@
 # The README's commands. `make test` works on a fresh Debian machine with a Rust toolchain.
-.PHONY: setup test lint check-manifests unit bench bench-relay bench-consumer bench-autoscale build demo images kind-e2e
+.PHONY: setup test lint check-manifests check-alerts unit bench bench-relay bench-consumer bench-autoscale build demo images kind-e2e
 
 setup:
 	@bash scripts/setup.sh
@@ -11,6 +11,13 @@ lint:
 test: setup lint
 	cargo test --workspace --locked
 	$(MAKE) check-manifests
+	$(MAKE) check-alerts
+
+# The chart's alert rules: syntax and expressions (promtool check), then series that must and must not fire
+# each alert (promtool test, rules/tests/). promtool comes from Debian's `prometheus` package (make setup).
+check-alerts: setup
+	promtool check rules charts/outbox-operator/rules/outbox.rules.yaml
+	cd charts/outbox-operator/rules/tests && promtool test rules outbox.rules.test.yaml
 
 # The Helm chart rendered by Helm's library and every manifest (chart, operator-created objects) validated
 # against the Kubernetes OpenAPI schemas; see scripts/check-manifests.py.

@@ -24,10 +24,10 @@ from helm_python import chart as helm_chart
 from helm_python import errors as helm_errors
 
 K8S_VERSION = "1.37.0"
-# Kinds that are not Kubernetes built-ins: validated elsewhere or not at all (ServiceMonitor needs the
-# Prometheus Operator's CRD, which this repository does not carry).
+# Kinds that are not Kubernetes built-ins: validated elsewhere or not at all (the Prometheus Operator's
+# kinds need its CRDs, which this repository does not carry; the rules are checked by promtool).
 CUSTOM = {"OutboxRelay", "ConsumerGroup"}
-SKIPPED = {"ServiceMonitor"}
+SKIPPED = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 
 failures = []
 
@@ -91,7 +91,8 @@ def main():
     crds = crd_validators(crd_dir)
     chart = helm_chart.Chart.load(chart_dir)
 
-    demo = {"demo": {"enabled": True, "kafkaUi": {"enabled": True}}, "serviceMonitor": {"enabled": True}}
+    demo = {"demo": {"enabled": True, "kafkaUi": {"enabled": True}}, "serviceMonitor": {"enabled": True},
+            "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
     for label, values in [("default values", None), ("demo values", demo)]:
         report = helm_chart.lint(chart_dir, values, strict=True, kube_version="v1.37.0")
         errors = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + report.get("errors", [])
@@ -129,10 +130,22 @@ def main():
 
     _, docs = render(chart, demo)
     kinds = validate_docs(docs, crds, "chart (demo)")
-    need = {"StatefulSet": 2, "OutboxRelay": 1, "ConsumerGroup": 2, "Secret": 2, "ServiceMonitor": 1}
+    need = {"StatefulSet": 2, "OutboxRelay": 1, "ConsumerGroup": 2, "Secret": 2, "ServiceMonitor": 1,
+            "PodMonitor": 1, "PrometheusRule": 1}
     for kind, n in need.items():
         if kinds.count(kind) != n:
             fail(f"demo render: {kinds.count(kind)} {kind}, expected {n}")
+    # The PrometheusRule carries exactly the rules file promtool checks and tests.
+    rule = [d for d in docs if d["kind"] == "PrometheusRule"][0]
+    tested = yaml.safe_load((Path(chart_dir) / "rules" / "outbox.rules.yaml").read_text())
+    if rule["spec"] != tested:
+        fail("PrometheusRule spec differs from rules/outbox.rules.yaml")
+    else:
+        ok(f"PrometheusRule holds rules/outbox.rules.yaml ({sum(len(g['rules']) for g in tested['groups'])} alerts)")
+    monitor = [d for d in docs if d["kind"] == "PodMonitor"][0]
+    names = monitor["spec"]["selector"]["matchExpressions"][0]["values"]
+    if names != ["outbox-relay", "outbox-consumer"]:
+        fail(f"PodMonitor selects {names}")
     groups = {d["metadata"]["name"]: d["spec"]["replicas"] for d in docs if d["kind"] == "ConsumerGroup"}
     relay = [d for d in docs if d["kind"] == "OutboxRelay"][0]
     if groups != {"pharmacy": 2, "notification": 1} or relay["spec"]["replicas"] != 2 \
@@ -188,6 +201,13 @@ def main():
 
     planned_docs = [d for d in yaml.safe_load_all(Path(planned).read_text()) if d]
     kinds = validate_docs(planned_docs, crds, "operator")
+    # The chart's PodMonitor selects every pod the operator plans.
+    for d in planned_docs:
+        if d["kind"] != "Deployment":
+            continue
+        labels = d["spec"]["template"]["metadata"]["labels"]
+        if not all(labels.get(e["key"]) in e["values"] for e in monitor["spec"]["selector"]["matchExpressions"]):
+            fail(f"PodMonitor does not select the pods of Deployment/{d['metadata']['name']}: {labels}")
     if len(planned_docs) < 9:
         fail(f"only {len(planned_docs)} planned objects")
 

@@ -2,6 +2,7 @@
 # Installs what the tests and benchmarks need, idempotently, outside the clone:
 #   - PostgreSQL server binaries from Debian packages (no system cluster is created or used),
 #   - stunnel4 from Debian packages (TLS and mutual TLS in front of the test broker),
+#   - prometheus from Debian packages (promtool for the alert rule tests),
 #   - tansu 0.6 (Kafka-protocol broker with admin APIs) under $OUTBOX_CACHE,
 #   - a Python venv under $OUTBOX_CACHE with Helm's library (helm-python-sdk) and kubernetes-validate, for
 #     `make check-manifests` (render the chart, validate manifests against the Kubernetes schemas),
@@ -37,6 +38,12 @@ if ! command -v stunnel4 >/dev/null && ! command -v stunnel >/dev/null; then
   echo "setup: installing stunnel4 (the TLS listener in front of the test broker)"
   as_root apt-get update -qq
   DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq stunnel4 >/dev/null
+fi
+
+if ! command -v promtool >/dev/null; then
+  echo "setup: installing promtool and Prometheus from Debian packages (alert rule tests)"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends prometheus >/dev/null
 fi
 
 TANSU="$CACHE/tansu-$TANSU_VERSION/bin/tansu"

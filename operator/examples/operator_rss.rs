@@ -1,6 +1,8 @@
 //! Figure: resident memory of the `outbox-operator` binary serving 100 custom resources on the test bed's
-//! real control plane (kube-apiserver, kube-controller-manager, etcd on loopback; `make setup` unpacks them). Run: `cargo run --release -p operator --example operator_rss`
-//! after `cargo build --release -p operator`.
+//! real control plane (kube-apiserver, kube-controller-manager, etcd on loopback; `make setup` unpacks them),
+//! in a cluster that also holds `UNRELATED` (default 1,000) Deployments, Services and ServiceAccounts of
+//! other applications, which the operator's label-filtered watches must not cache. Run:
+//! `cargo build --release -p operator --bins --examples && ./target/release/examples/operator_rss`.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
@@ -42,6 +44,39 @@ async fn main() -> anyhow::Result<()> {
         }))?;
         Api::<ConsumerGroup>::namespaced(client.clone(), "default")
             .create(&Default::default(), &g)
+            .await?;
+    }
+
+    let unrelated: usize = std::env::var("UNRELATED")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let others = plane.namespace("other-apps").await;
+    for i in 0..unrelated {
+        // replicas 0: the controller-manager makes no pods; each Deployment is about 2 KB, like a small app's.
+        let env: Vec<serde_json::Value> = (0..20)
+            .map(|k| json!({"name": format!("SETTING_{k}"), "value": format!("value-{i}-{k}-0123456789abcdef")}))
+            .collect();
+        let d: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": format!("app-{i}"), "labels": {"app": format!("app-{i}"), "team": "other"}},
+            "spec": {"replicas": 0, "selector": {"matchLabels": {"app": format!("app-{i}")}},
+                "template": {"metadata": {"labels": {"app": format!("app-{i}")}},
+                    "spec": {"containers": [{"name": "app", "image": "registry.example.com/app:1", "env": env}]}}}
+        }))?;
+        Api::<Deployment>::namespaced(client.clone(), &others)
+            .create(&Default::default(), &d)
+            .await?;
+        let svc: k8s_openapi::api::core::v1::Service = serde_json::from_value(json!({
+            "metadata": {"name": format!("app-{i}")},
+            "spec": {"selector": {"app": format!("app-{i}")}, "ports": [{"port": 80}]}
+        }))?;
+        Api::<k8s_openapi::api::core::v1::Service>::namespaced(client.clone(), &others)
+            .create(&Default::default(), &svc)
+            .await?;
+        let sa: k8s_openapi::api::core::v1::ServiceAccount =
+            serde_json::from_value(json!({"metadata": {"name": format!("app-{i}")}}))?;
+        Api::<k8s_openapi::api::core::v1::ServiceAccount>::namespaced(client.clone(), &others)
+            .create(&Default::default(), &sa)
             .await?;
     }
 
@@ -89,8 +124,8 @@ async fn main() -> anyhow::Result<()> {
         .find(|l| l.starts_with("VmHWM:"))
         .unwrap_or("VmHWM: ?");
     println!(
-        "outbox-operator with 100 CRs on kube-apiserver {}: 50 relay Deployments after {:.1} s; \
-         10 s later {rss}, peak {hwm}",
+        "outbox-operator with 100 CRs and {unrelated} unrelated Deployments/Services/ServiceAccounts on \
+         kube-apiserver {}: 50 relay Deployments after {:.1} s; 10 s later {rss}, peak {hwm}",
         control_plane::KUBERNETES_VERSION,
         reconciled.as_secs_f64()
     );

@@ -46,6 +46,28 @@ impl GroupLabel {
     }
 }
 
+/// Labels: one custom resource.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabel {
+    /// `OutboxRelay` or `ConsumerGroup`.
+    pub kind: String,
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
+}
+
+impl ResourceLabel {
+    /// The labels of `obj`.
+    pub fn of<K: kube::Resource<DynamicType = ()>>(obj: &K) -> Self {
+        Self {
+            kind: K::kind(&()).into_owned(),
+            namespace: obj.meta().namespace.clone().unwrap_or_default(),
+            name: obj.meta().name.clone().unwrap_or_default(),
+        }
+    }
+}
+
 /// Labels: an autoscaling decision's reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -69,6 +91,16 @@ pub struct Metrics {
     pub group_lag: Family<GroupLabel, Gauge>,
     /// Autoscaling decisions, by reason.
     pub autoscale_decisions: Family<ReasonLabel, Counter>,
+    /// 1 while a resource's `Ready` condition is True (for "not Ready for 10 minutes" alerts).
+    pub resource_ready: Family<ResourceLabel, Gauge>,
+    /// 1 while a resource carries `outbox.dev/paused: "true"`.
+    pub resource_paused: Family<ResourceLabel, Gauge>,
+    /// Pending events of an OutboxRelay, as its leader last reported them.
+    pub relay_backlog: Family<ResourceLabel, Gauge>,
+    /// Age of an OutboxRelay's oldest pending event, as its leader last reported it.
+    pub relay_oldest_pending_age: Family<ResourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Every resource with per-resource metrics, for [`Metrics::retain_resources`].
+    known: Mutex<std::collections::HashSet<ResourceLabel>>,
 }
 
 fn duration_buckets() -> Histogram {
@@ -110,8 +142,38 @@ impl Default for Metrics {
             "Autoscaling decisions, by reason",
             autoscale_decisions.clone(),
         );
+        let resource_ready = Family::<ResourceLabel, Gauge>::default();
+        let resource_paused = Family::<ResourceLabel, Gauge>::default();
+        let relay_backlog = Family::<ResourceLabel, Gauge>::default();
+        let relay_oldest_pending_age =
+            Family::<ResourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "resource_ready",
+            "1 while the resource's Ready condition is True",
+            resource_ready.clone(),
+        );
+        registry.register(
+            "resource_paused",
+            "1 while the resource is paused (outbox.dev/paused)",
+            resource_paused.clone(),
+        );
+        registry.register(
+            "outboxrelay_backlog",
+            "Pending events of an OutboxRelay, as its leader reported them",
+            relay_backlog.clone(),
+        );
+        registry.register(
+            "outboxrelay_oldest_pending_age_seconds",
+            "Age of an OutboxRelay's oldest pending event, as its leader reported it",
+            relay_oldest_pending_age.clone(),
+        );
         Self {
             registry,
+            resource_ready,
+            resource_paused,
+            relay_backlog,
+            relay_oldest_pending_age,
+            known: Mutex::default(),
             reconciles,
             failures,
             duration,
@@ -126,6 +188,47 @@ impl Metrics {
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
         outbox::surfaces::render(&self.registry)
+    }
+
+    /// Records whether a resource is Ready and whether it is paused.
+    pub fn record_state(&self, r: ResourceLabel, ready: bool, paused: bool) {
+        self.known.lock().unwrap().insert(r.clone());
+        self.resource_ready.get_or_create(&r).set(i64::from(ready));
+        self.resource_paused
+            .get_or_create(&r)
+            .set(i64::from(paused));
+    }
+
+    /// Records what an OutboxRelay's leader last reported.
+    pub fn record_backlog(&self, r: ResourceLabel, backlog: Option<i64>, oldest_age: Option<f64>) {
+        self.known.lock().unwrap().insert(r.clone());
+        if let Some(b) = backlog {
+            self.relay_backlog.get_or_create(&r).set(b);
+        }
+        if let Some(a) = oldest_age {
+            self.relay_oldest_pending_age.get_or_create(&r).set(a);
+        }
+    }
+
+    /// Forgets every resource not in `live` (deleted ones are never reconciled again, and a stale
+    /// `resource_ready 0` would keep an alert firing).
+    pub fn retain_resources(&self, live: &[ResourceLabel]) {
+        let mut known = self.known.lock().unwrap();
+        for r in known.iter().filter(|r| !live.contains(r)) {
+            self.resource_ready.remove(r);
+            self.resource_paused.remove(r);
+            self.relay_backlog.remove(r);
+            self.relay_oldest_pending_age.remove(r);
+            self.group_lag.remove(&GroupLabel {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+            });
+            self.desired_replicas.remove(&GroupLabel {
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+            });
+        }
+        known.retain(|r| live.contains(r));
     }
 }
 
@@ -164,6 +267,28 @@ impl Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn per_resource_state_is_exported_and_forgotten_with_the_resource() {
+        let m = Metrics::default();
+        let r = |name: &str| ResourceLabel {
+            kind: "ConsumerGroup".into(),
+            namespace: "shop".into(),
+            name: name.into(),
+        };
+        m.record_state(r("pharmacy"), false, true);
+        m.record_state(r("billing"), true, false);
+        let text = m.render();
+        assert!(
+            text.contains(r#"outbox_operator_resource_ready{kind="ConsumerGroup",namespace="shop",name="pharmacy"} 0"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"outbox_operator_resource_paused{kind="ConsumerGroup",namespace="shop",name="pharmacy"} 1"#));
+        m.retain_resources(&[r("billing")]);
+        let text = m.render();
+        assert!(!text.contains(r#"name="pharmacy""#), "{text}");
+        assert!(text.contains(r#"outbox_operator_resource_ready{kind="ConsumerGroup",namespace="shop",name="billing"} 1"#));
+    }
 
     #[test]
     fn backoff_doubles_per_object_caps_and_resets() {

@@ -23,7 +23,7 @@ use serde_json::json;
 use crate::conditions::{self, Health};
 use crate::connection::{self, SecretData, SecretUse};
 use crate::crd::{ConsumerGroup, DeletionPolicy, KafkaSpec, OutboxRelay};
-use crate::metrics::{Backoff, FailureLabel, KindLabel, Metrics};
+use crate::metrics::{Backoff, FailureLabel, KindLabel, Metrics, ResourceLabel};
 use crate::plan::{self, Defaults, FIELD_MANAGER};
 use crate::topics::{plan_topics, AdminError, KafkaAdmin, TopicAdmin};
 
@@ -247,15 +247,24 @@ where
     }
 }
 
+/// Patches the status and records the object's state (Ready, Paused) in the metrics.
 async fn patch_status<K>(
-    client: &kube::Client,
+    ctx: &Context,
     obj: &K,
     status: serde_json::Value,
 ) -> Result<(), kube::Error>
 where
     K: Namespaced,
 {
-    let api: Api<K> = Api::namespaced(client.clone(), &obj.namespace().unwrap_or_default());
+    if let Some(c) = status.get("conditions") {
+        let is_true = |t: &str| {
+            c.as_array()
+                .is_some_and(|a| a.iter().any(|c| c["type"] == t && c["status"] == "True"))
+        };
+        ctx.metrics
+            .record_state(ResourceLabel::of(obj), is_true("Ready"), is_true("Paused"));
+    }
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), &obj.namespace().unwrap_or_default());
     api.patch_status(
         &obj.name_any(),
         &PatchParams::default(),
@@ -357,7 +366,7 @@ async fn surface_forbidden<K: Namespaced>(
         Timestamp::now(),
     );
     // Best effort: the status itself may be what is forbidden; the event and the log still say it.
-    if let Err(e) = patch_status(&ctx.client, obj, json!({ "conditions": c })).await {
+    if let Err(e) = patch_status(ctx, obj, json!({ "conditions": c })).await {
         tracing::warn!("cannot write the Forbidden condition: {e}");
     }
     ctx.event(obj, true, "Forbidden", status.message.clone())
@@ -371,7 +380,7 @@ async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Action, Error> 
     let now = Timestamp::now();
     if plan::is_paused(obr) {
         let c = conditions::paused(&previous, generation, now);
-        patch_status(&ctx.client, obr, json!({ "conditions": c })).await?;
+        patch_status(ctx, obr, json!({ "conditions": c })).await?;
         return Ok(Action::await_change());
     }
     let children = match plan::desired_relay(obr, &ctx.defaults) {
@@ -383,7 +392,7 @@ async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Action, Error> 
             };
             let c = conditions::compute(&previous, &h, generation, now);
             patch_status(
-                &ctx.client,
+                ctx,
                 obr,
                 json!({ "conditions": c, "observedGeneration": generation }),
             )
@@ -421,6 +430,13 @@ async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Action, Error> 
         .get_opt(&child)
         .await?
         .and_then(|l| l.spec);
+    if let Some(st) = &obr.status {
+        ctx.metrics.record_backlog(
+            ResourceLabel::of(obr),
+            st.backlog,
+            st.oldest_pending_age_seconds,
+        );
+    }
     let health = rollout(&dep, obr.spec.replicas);
     let c = conditions::compute(&previous, &health, generation, now);
     let mut status = json!({ "conditions": c, "observedGeneration": generation });
@@ -428,7 +444,7 @@ async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Action, Error> 
         status["leader"] = json!(l.holder_identity);
         status["leaseTransitions"] = json!(l.lease_transitions);
     }
-    patch_status(&ctx.client, obr, status).await?;
+    patch_status(ctx, obr, status).await?;
     Ok(Action::requeue(ctx.refresh))
 }
 
@@ -571,7 +587,7 @@ async fn stalled<K: Namespaced>(
     let generation = cg.meta().generation;
     let c = conditions::compute(previous, &h, generation, Timestamp::now());
     patch_status(
-        &ctx.client,
+        ctx,
         cg,
         json!({ "conditions": c, "observedGeneration": generation }),
     )
@@ -632,7 +648,7 @@ async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<Action, Err
     }
     if plan::is_paused(cg) {
         let c = conditions::paused(&previous, generation, Timestamp::now());
-        patch_status(&ctx.client, cg, json!({ "conditions": c })).await?;
+        patch_status(ctx, cg, json!({ "conditions": c })).await?;
         return Ok(Action::await_change());
     }
     if let Err(e) = plan::validate_consumer(cg) {
@@ -770,7 +786,7 @@ async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<Action, Err
     let selector = plan::selector_string(&plan::selector_labels("consumer", &cg.name_any()));
     let partitions: BTreeMap<String, i32> = plan.partitions.clone();
     patch_status(
-        &ctx.client,
+        ctx,
         cg,
         json!({
             "conditions": c,
@@ -929,22 +945,58 @@ pub async fn run(ctx: Arc<Context>, namespace: Option<String>) {
     }
     let c = &ctx.client;
     let cfg = watcher::Config::default;
+    // Children carry the managed-by label (plan::labels): watching only those keeps the cache to the
+    // operator's own objects instead of every Deployment, Service, Role, ... of the cluster. A child whose
+    // label someone removed is still repaired by the periodic reconcile, which applies it again.
+    let owned = || cfg().labels(&format!("app.kubernetes.io/managed-by={FIELD_MANAGER}"));
     let relays = Controller::new(api::<OutboxRelay>(c, &namespace), cfg())
-        .owns(api::<Deployment>(c, &namespace), cfg())
-        .owns(api::<Service>(c, &namespace), cfg())
-        .owns(api::<ServiceAccount>(c, &namespace), cfg())
-        .owns(api::<Role>(c, &namespace), cfg())
-        .owns(api::<RoleBinding>(c, &namespace), cfg())
-        .owns(api::<PodDisruptionBudget>(c, &namespace), cfg())
+        .owns(api::<Deployment>(c, &namespace), owned())
+        .owns(api::<Service>(c, &namespace), owned())
+        .owns(api::<ServiceAccount>(c, &namespace), owned())
+        .owns(api::<Role>(c, &namespace), owned())
+        .owns(api::<RoleBinding>(c, &namespace), owned())
+        .owns(api::<PodDisruptionBudget>(c, &namespace), owned())
         .shutdown_on_signal()
         .run(reconcile_relay, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
     let groups = Controller::new(api::<ConsumerGroup>(c, &namespace), cfg())
-        .owns(api::<Deployment>(c, &namespace), cfg())
-        .owns(api::<Service>(c, &namespace), cfg())
-        .owns(api::<PodDisruptionBudget>(c, &namespace), cfg())
+        .owns(api::<Deployment>(c, &namespace), owned())
+        .owns(api::<Service>(c, &namespace), owned())
+        .owns(api::<PodDisruptionBudget>(c, &namespace), owned())
         .shutdown_on_signal()
         .run(reconcile_consumer, error_policy, ctx.clone())
         .for_each(|_| futures::future::ready(()));
+    let sweeper = tokio::spawn(sweep_state_metrics(ctx.clone(), namespace.clone()));
     futures::join!(relays, groups);
+    sweeper.abort();
+}
+
+/// Drops the per-resource metrics of resources that no longer exist, every minute: deleted objects are
+/// never reconciled again, and a stale `resource_ready 0` would keep an alert firing.
+async fn sweep_state_metrics(ctx: Arc<Context>, namespace: Option<String>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        let relays = match &namespace {
+            Some(n) => Api::<OutboxRelay>::namespaced(ctx.client.clone(), n),
+            None => Api::<OutboxRelay>::all(ctx.client.clone()),
+        }
+        .list(&Default::default())
+        .await;
+        let groups = match &namespace {
+            Some(n) => Api::<ConsumerGroup>::namespaced(ctx.client.clone(), n),
+            None => Api::<ConsumerGroup>::all(ctx.client.clone()),
+        }
+        .list(&Default::default())
+        .await;
+        let (Ok(relays), Ok(groups)) = (relays, groups) else {
+            continue;
+        };
+        let live: Vec<ResourceLabel> = relays
+            .items
+            .iter()
+            .map(ResourceLabel::of)
+            .chain(groups.items.iter().map(ResourceLabel::of))
+            .collect();
+        ctx.metrics.retain_resources(&live);
+    }
 }
