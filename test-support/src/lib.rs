@@ -8,6 +8,7 @@
 pub mod control_plane;
 pub mod kafka;
 pub mod pg;
+pub mod prometheus;
 pub mod reaper;
 #[cfg(feature = "tls")]
 pub mod tls;

@@ -116,3 +116,168 @@ async fn every_metric_the_alert_rules_use_is_exported() {
     );
     stack.stop().await;
 }
+
+/// Names of the alerts Prometheus has firing now.
+async fn firing(prometheus: &str) -> BTreeSet<String> {
+    let Ok(r) = reqwest::get(format!("{prometheus}/api/v1/alerts")).await else {
+        return BTreeSet::new();
+    };
+    let body: serde_json::Value = r.json().await.unwrap_or_default();
+    body["data"]["alerts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|a| a["state"] == "firing")
+        .filter_map(|a| a["labels"]["alertname"].as_str().map(String::from))
+        .collect()
+}
+
+async fn wait_alerts(
+    prometheus: &test_support::prometheus::Prometheus,
+    what: &str,
+    want: impl Fn(&BTreeSet<String>) -> bool,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    loop {
+        let now = firing(&prometheus.url()).await;
+        if want(&now) {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: firing {now:?}\n{}",
+            prometheus.log()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// A real Prometheus (Debian's package) scrapes the stack and evaluates the chart's rules, with each `for:`
+/// shortened to 2 s so the test does not wait minutes (the expressions are the file's). A dead event and a
+/// stopped relay fire `OutboxDeadEvents` and `OutboxNoActivePublisher`; discarding the event and restarting
+/// the relay resolves both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_prometheus_fires_and_resolves_the_alerts() {
+    let mut stack = Stack::start(Options {
+        pharmacy: 1,
+        notification: 1,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    // A relay that dead-letters records over 4 KiB before sending them.
+    stack.kill("relay").await.unwrap();
+    let mut spec = stack.relay_spec().unwrap();
+    spec.args
+        .extend(["--max-message-bytes".into(), "4096".into()]);
+    let relay_port = spec.http_port;
+    stack.spawn(spec).unwrap();
+    stack
+        .wait_ready(&["relay"], Duration::from_secs(60))
+        .await
+        .unwrap();
+    let port = |name: &str| stack.procs[name].spec.http_port;
+    let target = |port: u16, name: &str, instance: &str| {
+        format!(
+            "  - job_name: {instance}-{port}\n    static_configs:\n      - targets: ['127.0.0.1:{port}']\n        labels: {{namespace: demo, app_kubernetes_io_name: {name}, app_kubernetes_io_instance: {instance}}}\n"
+        )
+    };
+    let config = format!(
+        "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nrule_files: [rules.yaml]\nscrape_configs:\n{}{}{}",
+        target(relay_port, "outbox-relay", "orders"),
+        target(port("pharmacy-1"), "outbox-consumer", "pharmacy"),
+        target(port("notification-1"), "outbox-consumer", "notification"),
+    );
+    let rules_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/outbox-operator/rules/outbox.rules.yaml");
+    let rules: String = std::fs::read_to_string(rules_path)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            if l.trim_start().starts_with("for: ") {
+                format!("{}for: 2s", &l[..l.len() - l.trim_start().len()])
+            } else {
+                l.to_string()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n");
+    let prometheus = tokio::task::spawn_blocking(move || {
+        test_support::prometheus::Prometheus::start(&config, &[("rules.yaml", &rules)])
+    })
+    .await
+    .unwrap()
+    .unwrap();
+    // Healthy: scraped, evaluated, nothing of ours firing.
+    let http = reqwest::Client::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let up: serde_json::Value = http
+            .get(format!("{}/api/v1/query", prometheus.url()))
+            .query(&[("query", "sum(up)")])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if up["data"]["result"][0]["value"][1] == "3" {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "targets not up: {up}"
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let quiet = firing(&prometheus.url()).await;
+    assert!(
+        !quiet.contains("OutboxDeadEvents") && !quiet.contains("OutboxNoActivePublisher"),
+        "{quiet:?}"
+    );
+
+    // A record too large for the relay: dead-lettered.
+    let r: serde_json::Value = http
+        .post(format!("{}/messages", stack.api))
+        .json(
+            &serde_json::json!({"topic": "orders", "key": "big", "event_type": "Blob",
+            "payload": {"blob": "x".repeat(10_000)}}),
+        )
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let event_id = r["event_id"].as_str().unwrap().to_string();
+    wait_alerts(&prometheus, "OutboxDeadEvents firing", |a| {
+        a.contains("OutboxDeadEvents")
+    })
+    .await;
+    // The relay stops: no publisher.
+    stack.kill("relay").await.unwrap();
+    wait_alerts(&prometheus, "OutboxNoActivePublisher firing", |a| {
+        a.contains("OutboxNoActivePublisher")
+    })
+    .await;
+
+    // Recovery: the relay is back (same port) and the dead event discarded.
+    stack.restart("relay").await.unwrap();
+    let out = tokio::process::Command::new(e2e::bins::bin("outbox-relay").unwrap())
+        .args(["dead", "discard", "--event-id", &event_id])
+        .env("DATABASE_URL", &stack.database_url)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_alerts(&prometheus, "both resolved", |a| {
+        !a.contains("OutboxDeadEvents") && !a.contains("OutboxNoActivePublisher")
+    })
+    .await;
+    stack.stop().await;
+}
