@@ -14,6 +14,7 @@
 Usage: check-manifests.py CHART PLANNED_YAML CRD_DIR KIND_CONFIG EXAMPLES_DIR. Prints one line per check; exit 1 on failure.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -92,7 +93,8 @@ def main():
     chart = helm_chart.Chart.load(chart_dir)
 
     demo = {"demo": {"enabled": True, "kafkaUi": {"enabled": True}}, "serviceMonitor": {"enabled": True},
-            "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True}}
+            "podMonitor": {"enabled": True}, "prometheusRule": {"enabled": True},
+            "grafanaDashboard": {"enabled": True}}
     for label, values in [("default values", None), ("demo values", demo)]:
         report = helm_chart.lint(chart_dir, values, strict=True, kube_version="v1.37.0")
         errors = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + report.get("errors", [])
@@ -142,6 +144,13 @@ def main():
         fail("PrometheusRule spec differs from rules/outbox.rules.yaml")
     else:
         ok(f"PrometheusRule holds rules/outbox.rules.yaml ({sum(len(g['rules']) for g in tested['groups'])} alerts)")
+    dashboards = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")]
+    shipped = json.loads((Path(chart_dir) / "dashboards" / "outbox.json").read_text())
+    if len(dashboards) != 1 or json.loads(dashboards[0]["data"]["outbox-operator.json"]) != shipped \
+            or dashboards[0]["metadata"]["labels"].get("grafana_dashboard") != "1":
+        fail("dashboard ConfigMap missing, unlabelled, or not dashboards/outbox.json")
+    else:
+        ok(f"dashboard ConfigMap holds dashboards/outbox.json ({len(shipped['panels'])} panels)")
     monitor = [d for d in docs if d["kind"] == "PodMonitor"][0]
     names = monitor["spec"]["selector"]["matchExpressions"][0]["values"]
     if names != ["outbox-relay", "outbox-consumer"]:

@@ -1,6 +1,7 @@
-//! The alert rules (charts/outbox-operator/rules/outbox.rules.yaml) name only metrics the processes really
-//! export: read from the `/metrics` of a running stack (API, relay, both consumer groups) and the operator's
-//! registry.
+//! Monitoring against real processes: the alert rules (charts/outbox-operator/rules/outbox.rules.yaml) and
+//! the Grafana dashboard (charts/outbox-operator/dashboards/outbox.json) name only metrics the processes
+//! really export (read from the `/metrics` of a running stack and the operator's registry), and a real
+//! Prometheus fires and resolves the alerts.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -30,32 +31,63 @@ fn exported(text: &str) -> BTreeSet<String> {
     names
 }
 
-/// `outbox_*` identifiers in the rules' expressions.
+/// `outbox_*` identifiers in a PromQL expression.
+fn outbox_names(expr: &str, into: &mut BTreeSet<String>) {
+    let mut rest = expr;
+    while let Some(i) = rest.find("outbox_") {
+        let tail = &rest[i..];
+        let end = tail
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .unwrap_or(tail.len());
+        into.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+}
+
+fn chart_file(path: &str) -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../charts/outbox-operator")
+            .join(path),
+    )
+    .unwrap()
+}
+
+/// Metrics the alert rules' expressions name.
 fn used_by_rules() -> BTreeSet<String> {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../charts/outbox-operator/rules/outbox.rules.yaml");
     let rules: serde_json::Value =
-        serde_norway::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+        serde_norway::from_str(&chart_file("rules/outbox.rules.yaml")).unwrap();
     let mut names = BTreeSet::new();
     for group in rules["groups"].as_array().unwrap() {
         for rule in group["rules"].as_array().unwrap() {
-            let expr = rule["expr"].as_str().unwrap();
-            let mut rest = expr;
-            while let Some(i) = rest.find("outbox_") {
-                let tail = &rest[i..];
-                let end = tail
-                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
-                    .unwrap_or(tail.len());
-                names.insert(tail[..end].to_string());
-                rest = &tail[end..];
-            }
+            outbox_names(rule["expr"].as_str().unwrap(), &mut names);
+        }
+    }
+    names
+}
+
+/// Metrics the dashboard's panel queries name (and its template variables).
+fn used_by_dashboard() -> BTreeSet<String> {
+    let dash: serde_json::Value =
+        serde_json::from_str(&chart_file("dashboards/outbox.json")).unwrap();
+    let mut names = BTreeSet::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "panel {} has no query", panel["title"]);
+        for t in targets {
+            outbox_names(t["expr"].as_str().unwrap(), &mut names);
+        }
+    }
+    for v in dash["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = v["query"]["query"].as_str() {
+            outbox_names(q, &mut names);
         }
     }
     names
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_metric_the_alert_rules_use_is_exported() {
+async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
     let mut stack = Stack::start(Options {
         pharmacy: 1,
         notification: 1,
@@ -100,6 +132,12 @@ async fn every_metric_the_alert_rules_use_is_exported() {
     operator.record_state(resource.clone(), true, false);
     operator.record_backlog(resource, Some(0), Some(0.0));
     operator
+        .reconciles
+        .get_or_create(&operator::metrics::KindLabel {
+            kind: "ConsumerGroup".into(),
+        })
+        .inc();
+    operator
         .failures
         .get_or_create(&operator::metrics::FailureLabel {
             kind: "ConsumerGroup".into(),
@@ -107,13 +145,17 @@ async fn every_metric_the_alert_rules_use_is_exported() {
         })
         .inc();
     names.extend(exported(&operator.render()));
-    let used = used_by_rules();
-    assert!(used.len() >= 10, "{used:?}");
-    let missing: Vec<&String> = used.iter().filter(|n| !names.contains(*n)).collect();
-    assert!(
-        missing.is_empty(),
-        "the alert rules use metrics no process exports: {missing:?}\nexported: {names:?}"
-    );
+    for (what, used) in [
+        ("alert rules", used_by_rules()),
+        ("dashboard", used_by_dashboard()),
+    ] {
+        assert!(used.len() >= 10, "{what}: {used:?}");
+        let missing: Vec<&String> = used.iter().filter(|n| !names.contains(*n)).collect();
+        assert!(
+            missing.is_empty(),
+            "the {what} use metrics no process exports: {missing:?}\nexported: {names:?}"
+        );
+    }
     stack.stop().await;
 }
 
