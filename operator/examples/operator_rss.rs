@@ -80,11 +80,15 @@ async fn main() -> anyhow::Result<()> {
             .await?;
     }
 
-    let bin = std::env::current_exe()?
-        .parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join("outbox-operator"))
-        .ok_or_else(|| anyhow::anyhow!("no target dir"))?;
+    // `OUTBOX_OPERATOR_BIN` measures another build (e.g. an earlier commit's) on the same bed.
+    let bin = match std::env::var_os("OUTBOX_OPERATOR_BIN") {
+        Some(b) => std::path::PathBuf::from(b),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(|p| p.parent())
+            .map(|p| p.join("outbox-operator"))
+            .ok_or_else(|| anyhow::anyhow!("no target dir"))?,
+    };
     let mut child = tokio::process::Command::new(&bin)
         .args(["--http-addr", "127.0.0.1:0"])
         .env("KUBECONFIG", plane.kubeconfig())
