@@ -108,6 +108,26 @@ def main():
     expected = {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Deployment", "Service"}
     if set(kinds) != expected:
         fail(f"default render kinds {sorted(set(kinds))} != {sorted(expected)}")
+    # The CRD chart renders exactly the generated CRDs (crds/), kept on uninstall unless keep=false.
+    crd_chart_dir = str(Path(chart_dir).parent / "outbox-operator-crds")
+    report = helm_chart.lint(crd_chart_dir, None, strict=True, kube_version="v1.37.0")
+    errors = [m for m in report.get("messages", []) if m.get("severity", 0) >= 2] + report.get("errors", [])
+    if errors:
+        fail(f"helm lint --strict (CRD chart): {errors}")
+    crd_chart = helm_chart.Chart.load(crd_chart_dir)
+    _, crd_docs = render(crd_chart, None, release="outbox-operator-crds")
+    validate_docs(crd_docs, crds, "CRD chart")
+    generated = {d["metadata"]["name"]: d for d in (yaml.safe_load(p.read_text()) for p in sorted(Path(crd_dir).glob("*.yaml")))}
+    rendered = {d["metadata"]["name"]: d for d in crd_docs if d["kind"] == "CustomResourceDefinition"}
+    if set(rendered) != set(generated) or any(rendered[n]["spec"] != generated[n]["spec"] for n in generated):
+        fail(f"CRD chart's CRDs {sorted(rendered)} differ from crds/ {sorted(generated)}")
+    elif any(d["metadata"].get("annotations", {}).get("helm.sh/resource-policy") != "keep" for d in rendered.values()):
+        fail("CRD chart's CRDs lack helm.sh/resource-policy: keep")
+    else:
+        ok(f"CRD chart renders crds/ and keeps them on uninstall ({', '.join(sorted(rendered))})")
+    _, not_kept = render(crd_chart, {"keep": False}, release="outbox-operator-crds")
+    if any("helm.sh/resource-policy" in d["metadata"].get("annotations", {}) for d in not_kept):
+        fail("keep=false still keeps the CRDs")
     images = {
         c["image"]
         for d in docs

@@ -42,7 +42,8 @@ for image in outbox-operator outbox-relay demo-consumer demo-api; do
   kind load docker-image --name "$CLUSTER" "$REGISTRY/$image:$TAG"
 done
 
-step "helm install (CRDs from the chart, demo stack)"
+step "helm install (the CRD chart, then the operator with the demo stack)"
+helm install outbox-operator-crds charts/outbox-operator-crds --namespace "$NS" --create-namespace --wait
 helm install outbox-operator charts/outbox-operator --namespace "$NS" --create-namespace \
   --set demo.enabled=true --set image.tag="$TAG" --set image.registry="$REGISTRY" --wait --timeout 10m
 k get obr,cg

@@ -3,6 +3,8 @@
 //! enforce Pod Security `restricted`; with the demo stack, the operator binary runs as the chart's
 //! ServiceAccount and every pod it creates is admitted, and its resources become Ready.
 
+mod common;
+
 use std::path::Path;
 use std::time::Duration;
 
@@ -21,16 +23,33 @@ const RESTRICTED: &[(&str, &str)] = &[
 ];
 
 fn chart() -> String {
+    chart_at("../charts/outbox-operator")
+}
+
+/// A chart directory relative to this crate.
+fn chart_at(relative: &str) -> String {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../charts/outbox-operator")
+        .join(relative)
         .display()
         .to_string()
 }
 
 fn helm(action: &str, release: &str, ns: &str, values: &Value, kubeconfig: &Path) -> Value {
+    helm_chart(&chart(), action, release, ns, values, kubeconfig)
+}
+
+/// `helm <action>` of the chart at `chart`.
+fn helm_chart(
+    chart: &str,
+    action: &str,
+    release: &str,
+    ns: &str,
+    values: &Value,
+    kubeconfig: &Path,
+) -> Value {
     let kubeconfig = kubeconfig.to_str().unwrap();
     let values = values.to_string();
-    let chart = chart();
+    let chart = chart.to_string();
     let args: Vec<&str> = match action {
         "uninstall" => vec![action, release, ns, kubeconfig],
         _ => vec![action, &chart, release, ns, &values, kubeconfig],
@@ -103,7 +122,7 @@ async fn pods_admitted(client: &kube::Client, ns: &str, want: usize) -> Vec<Stri
 
 #[tokio::test]
 async fn install_upgrade_and_uninstall_with_defaults() {
-    let plane = control_plane::shared();
+    let plane = common::plane();
     let client = plane.client().await;
     let ns = plane.namespace_labelled("helm-defaults", RESTRICTED).await;
     let installed = helm(
@@ -122,18 +141,6 @@ async fn install_upgrade_and_uninstall_with_defaults() {
             && objects.contains(&"Deployment/outbox-operator".to_string()),
         "{objects:?}"
     );
-    // The chart's crds/ went in first: both CRDs are served (the API server accepted them).
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    for name in ["outboxrelays.outbox.dev", "consumergroups.outbox.dev"] {
-        let crd = crds.get(name).await.unwrap();
-        let established = crd.status.unwrap().conditions.unwrap_or_default();
-        assert!(
-            established
-                .iter()
-                .any(|c| c.type_ == "Established" && c.status == "True"),
-            "{name}: {established:?}"
-        );
-    }
     // The namespace does enforce `restricted`: a bare pod is refused ...
     let bare: Pod = serde_json::from_value(json!({
         "metadata": {"name": "bare"},
@@ -212,18 +219,11 @@ async fn install_upgrade_and_uninstall_with_defaults() {
         },
     )
     .await;
-    assert!(
-        crds.get_opt("consumergroups.outbox.dev")
-            .await
-            .unwrap()
-            .is_some(),
-        "Helm keeps CRDs on uninstall (custom resources survive)"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_demo_stack_runs_under_restricted_pod_security_and_becomes_ready() {
-    let plane = control_plane::shared();
+    let plane = common::plane();
     let client = plane.client().await;
     let ns = plane.namespace_labelled("helm-demo", RESTRICTED).await;
     // A broker the operator can manage topics on, in place of the demo's in-cluster Kafka (no kubelet runs
@@ -326,7 +326,7 @@ async fn the_demo_stack_runs_under_restricted_pod_security_and_becomes_ready() {
 
 #[tokio::test]
 async fn the_demo_with_its_own_kafka_is_admitted_under_restricted() {
-    let plane = control_plane::shared();
+    let plane = common::plane();
     let client = plane.client().await;
     let ns = plane.namespace_labelled("helm-kafka", RESTRICTED).await;
     // NodePorts are cluster-wide: another port than the other demo test's.
@@ -347,4 +347,153 @@ async fn the_demo_with_its_own_kafka_is_admitted_under_restricted() {
         &json!({}),
         &plane.kubeconfig(),
     );
+}
+
+/// The upgrade path, on a control plane of its own (the CRDs' ownership is cluster-wide): the previous chart
+/// (tests/fixtures/chart-a673ddc, its CRDs in crds/, which Helm never upgrades) is installed; a field only the
+/// new CRDs have (`kafka.tls`) is silently dropped by the API server; the CRDs are adopted by the
+/// `outbox-operator-crds` release as the README's "Upgrading" says, the operator chart is upgraded, and the
+/// field is kept. Uninstalling the CRD release keeps the CRDs and the resources (`resource-policy: keep`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upgrading_from_the_previous_chart_delivers_the_new_crds() {
+    let plane = tokio::task::spawn_blocking(control_plane::ControlPlane::start)
+        .await
+        .unwrap()
+        .unwrap();
+    let client = plane.client().await;
+    let ns = plane.namespace("upgrade").await;
+    let previous = chart_at("tests/fixtures/chart-a673ddc");
+    let installed = helm_chart(
+        &previous,
+        "install",
+        "outbox-operator",
+        &ns,
+        &json!({}),
+        &plane.kubeconfig(),
+    );
+    assert_eq!(installed["revision"], 1);
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    wait_for(
+        "the previous chart's CRDs",
+        Duration::from_secs(30),
+        || async {
+            let crd = crds.get_opt("consumergroups.outbox.dev").await.ok()??;
+            let conditions = crd.status?.conditions?;
+            conditions
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+                .then_some(())
+        },
+    )
+    .await;
+    let groups = Api::<ConsumerGroup>::namespaced(client.clone(), &ns);
+    let group = |tls: bool| -> ConsumerGroup {
+        let mut kafka = json!({"bootstrap": "my-cluster-kafka-bootstrap:9093"});
+        if tls {
+            kafka["tls"] =
+                json!({"trustedCertificates": [{"secretName": "ca", "certificate": "ca.crt"}]});
+        }
+        serde_json::from_value(json!({
+            "apiVersion": "outbox.dev/v1alpha1", "kind": "ConsumerGroup",
+            "metadata": {"name": "pharmacy"},
+            "spec": {"groupId": "pharmacy", "image": "c:1", "kafka": kafka,
+                "database": {"secretRef": {"name": "db", "key": "url"}},
+                "topics": [{"name": "orders", "partitions": 6}]}
+        }))
+        .unwrap()
+    };
+    // With the previous CRD, server-side apply refuses the new field and a create drops it silently.
+    let refused = groups
+        .patch(
+            "pharmacy",
+            &kube::api::PatchParams::apply("upgrade-test").force(),
+            &kube::api::Patch::Apply(&group(true)),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        refused
+            .to_string()
+            .contains(".spec.kafka.tls: field not declared in schema"),
+        "{refused}"
+    );
+    let old = groups
+        .create(&Default::default(), &group(true))
+        .await
+        .unwrap();
+    assert!(
+        old.spec.kafka.tls.is_none(),
+        "the previous CRD does not know kafka.tls: the API server drops it"
+    );
+
+    // The one-time adoption of CRDs that came from crds/ (no Helm ownership), as documented.
+    let kubectl = |args: &[&str]| {
+        let out = plane.kubectl(args).expect("kubectl");
+        assert!(
+            out.status.success(),
+            "kubectl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let names = ["outboxrelays.outbox.dev", "consumergroups.outbox.dev"];
+    let mut label = vec!["label", "crd"];
+    label.extend(names);
+    label.extend(["app.kubernetes.io/managed-by=Helm", "--overwrite"]);
+    kubectl(&label);
+    let release_ns = format!("meta.helm.sh/release-namespace={ns}");
+    let mut annotate = vec!["annotate", "crd"];
+    annotate.extend(names);
+    annotate.extend([
+        "meta.helm.sh/release-name=outbox-operator-crds",
+        &release_ns,
+        "--overwrite",
+    ]);
+    kubectl(&annotate);
+    let crd_chart = chart_at("../charts/outbox-operator-crds");
+    let adopted = helm_chart(
+        &crd_chart,
+        "install",
+        "outbox-operator-crds",
+        &ns,
+        &json!({}),
+        &plane.kubeconfig(),
+    );
+    assert_eq!(adopted["status"], "deployed");
+    let upgraded = helm(
+        "upgrade",
+        "outbox-operator",
+        &ns,
+        &json!({}),
+        &plane.kubeconfig(),
+    );
+    assert_eq!(upgraded["revision"], 2);
+    assert_eq!(upgraded["status"], "deployed");
+
+    let new = groups
+        .patch(
+            "pharmacy",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"kafka": {"tls": {"trustedCertificates": [{"secretName": "ca", "certificate": "ca.crt"}]}}}})),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        new.spec.kafka.tls.map(|t| t.trusted_certificates.len()),
+        Some(1),
+        "the upgraded CRD keeps kafka.tls"
+    );
+    // Removing the CRD release keeps the CRDs, and so the resources.
+    helm_chart(
+        &crd_chart,
+        "uninstall",
+        "outbox-operator-crds",
+        &ns,
+        &json!({}),
+        &plane.kubeconfig(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for name in names {
+        assert!(crds.get_opt(name).await.unwrap().is_some(), "{name} kept");
+    }
+    assert!(groups.get_opt("pharmacy").await.unwrap().is_some());
 }

@@ -1,10 +1,13 @@
 //! `crdgen [DIR…]`: writes the CRDs to each `DIR` (default: `crds/` and the Helm chart's
-//! `charts/outbox-operator/crds/`). Never edit those files by hand.
+//! `charts/outbox-operator-crds/files/crds/`, which `templates/crds.yaml` renders). Never edit those files by hand.
 
 fn main() -> anyhow::Result<()> {
     let mut dirs: Vec<String> = std::env::args().skip(1).collect();
     if dirs.is_empty() {
-        dirs = vec!["crds".into(), "charts/outbox-operator/crds".into()];
+        dirs = vec![
+            "crds".into(),
+            "charts/outbox-operator-crds/files/crds".into(),
+        ];
     }
     for dir in dirs {
         std::fs::create_dir_all(&dir)?;
