@@ -197,6 +197,34 @@ pub struct Runtime<H: Handler> {
 }
 
 impl<H: Handler> Runtime<H> {
+    /// Runs the handler in a span that continues the event's trace (its `traceparent` header, written by
+    /// the producing transaction and forwarded by the relay), so one trace runs request → commit → publish
+    /// → handler when traces are exported.
+    async fn handle_in_span(
+        &self,
+        msg: &Message,
+        tx: &mut Transaction<'static, Postgres>,
+    ) -> Result<(), HandlerError> {
+        use opentelemetry::trace::TraceContextExt;
+        let span = tracing::info_span!(
+            "consumer.handle",
+            group = %self.cfg.group_id,
+            topic = %msg.topic,
+            partition = msg.partition,
+            event_id = %msg.event_id,
+        );
+        if let Some(sc) = msg
+            .headers
+            .get("traceparent")
+            .and_then(|h| outbox::parse_traceparent(h))
+        {
+            let parent = opentelemetry::Context::new().with_remote_span_context(sc);
+            // Fails only when no OpenTelemetry layer is installed (traces off): nothing to continue then.
+            let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);
+        }
+        tracing::Instrument::instrument(self.handler.handle(msg, tx), span).await
+    }
+
     /// Builds the runtime (no IO until [`Runtime::run`]).
     pub fn new(
         cfg: RuntimeConfig,
@@ -473,7 +501,7 @@ impl<H: Handler> Runtime<H> {
                 continue;
             }
             let started = Instant::now();
-            let result = self.handler.handle(msg, &mut tx).await;
+            let result = self.handle_in_span(msg, &mut tx).await;
             self.metrics
                 .handler_seconds
                 .observe(started.elapsed().as_secs_f64());
@@ -591,7 +619,7 @@ impl<H: Handler> Runtime<H> {
             return Ok(Attempt::Duplicate);
         }
         let started = Instant::now();
-        let result = self.handler.handle(msg, &mut tx).await;
+        let result = self.handle_in_span(msg, &mut tx).await;
         self.metrics
             .handler_seconds
             .observe(started.elapsed().as_secs_f64());

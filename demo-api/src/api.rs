@@ -154,6 +154,9 @@ fn crash_after_commit(q: &HashMap<String, String>, allowed: bool) -> Result<bool
     }
 }
 
+// A span per request: with trace export on, the event's `traceparent` (written in the same transaction)
+// names it, so the relay and the consumers continue this trace.
+#[tracing::instrument(name = "POST /orders", skip_all)]
 async fn create_order(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
@@ -225,6 +228,7 @@ async fn get_order(
     })))
 }
 
+#[tracing::instrument(name = "POST /messages", skip_all)]
 async fn post_message(
     State(s): State<AppState>,
     headers: HeaderMap,

@@ -39,4 +39,5 @@ pub use schema::{
     install_notify_trigger, migrate, migrate_schema, notify_channel, remove_notify_trigger,
     SchemaName, DEFAULT_SCHEMA,
 };
+pub use trace::parse_traceparent;
 pub use validate::ValidationError;

@@ -38,16 +38,83 @@ pub enum LogFormat {
     Json,
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`).
+/// The tracer provider while traces are exported, flushed by [`exit_code`].
+static TRACER_PROVIDER: std::sync::OnceLock<opentelemetry_sdk::trace::SdkTracerProvider> =
+    std::sync::OnceLock::new();
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); with `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) set, also exports the spans over OTLP/HTTP, configured by the
+/// standard OTel variables (`OTEL_EXPORTER_OTLP_PROTOCOL`, `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`,
+/// `OTEL_BSP_*`; `OTEL_SDK_DISABLED=true` turns it off). Off by default.
 pub fn init_logging(format: LogFormat) {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
     let filter =
         tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let fmt = match format {
+        LogFormat::Text => fmt.boxed(),
+        LogFormat::Json => fmt.json().boxed(),
+    };
+    let (otel, otel_error) = match otlp_tracer() {
+        Ok(Some(tracer)) => (
+            Some(tracing_opentelemetry::layer().with_tracer(tracer)),
+            None,
+        ),
+        Ok(None) => (None, None),
+        Err(e) => (None, Some(e)),
+    };
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(fmt)
+        .with(otel)
+        .init();
+    if let Some(e) = otel_error {
+        tracing::warn!("traces are not exported: {e}");
+    }
+}
+
+/// The OTLP tracer when an endpoint is configured.
+fn otlp_tracer() -> anyhow::Result<Option<opentelemetry_sdk::trace::Tracer>> {
+    use opentelemetry::trace::TracerProvider;
+    let configured = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|s| !s.is_empty()));
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    if !configured || disabled {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()?;
+    let program = std::env::current_exe()
+        .ok()
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "outbox".into());
+    // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES win over the program name (the SDK reads them).
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+        resource = resource.with_service_name(program);
+    }
+    let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    let tracer = provider.tracer("outbox-operator");
+    let _ = TRACER_PROVIDER.set(provider);
+    Ok(Some(tracer))
+}
+
+/// Flushes and stops the trace export (no-op when traces are not exported).
+pub fn shutdown_tracing() {
+    if let Some(p) = TRACER_PROVIDER.get() {
+        if let Err(e) = p.shutdown() {
+            eprintln!("trace export shutdown: {e}");
+        }
     }
 }
 
@@ -61,7 +128,9 @@ pub fn exit_code(
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match rt.block_on(body) {
+    let result = rt.block_on(body);
+    shutdown_tracing();
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if e.downcast_ref::<ConfigError>().is_some() => {
             eprintln!("{program}: {e}");

@@ -214,7 +214,20 @@ impl Relay {
     /// One claim → produce → settle transaction. Public so tests and tools can drive it.
     pub async fn run_batch(&self, epoch: Option<i64>) -> Result<BatchReport, StoreError> {
         match self.claim_and_send(epoch).await? {
-            Some(batch) => self.settle_batch(batch).await,
+            Some(batch) => {
+                // One span per non-empty batch (an empty poll exports nothing), linked to the trace of every
+                // event it carries: a batch serves many traces, so it is their link, not their child.
+                let span = tracing::info_span!("relay.batch", events = batch.batch.len(), epoch);
+                for ev in &batch.batch {
+                    if let Some(sc) = ev.headers["traceparent"]
+                        .as_str()
+                        .and_then(outbox::parse_traceparent)
+                    {
+                        tracing_opentelemetry::OpenTelemetrySpanExt::add_link(&span, sc);
+                    }
+                }
+                tracing::Instrument::instrument(self.settle_batch(batch), span).await
+            }
             None => Ok(BatchReport::default()),
         }
     }
