@@ -331,6 +331,11 @@ fn previous_conditions(status: Option<&[Condition]>) -> Vec<Condition> {
 }
 
 /// Reconciles one OutboxRelay.
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(kind = "OutboxRelay", namespace = obr.metadata.namespace.as_deref().unwrap_or_default(), name = obr.metadata.name.as_deref().unwrap_or_default(), generation = obr.metadata.generation)
+)]
 pub async fn reconcile_relay(obr: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
     let result = instrumented(obr.as_ref(), &ctx, relay_inner(&obr, &ctx)).await;
     if let Err(e) = &result {
@@ -530,6 +535,11 @@ fn admin_props(kafka: &KafkaSpec, data: &SecretData) -> Result<Vec<(String, Stri
 }
 
 /// Reconciles one ConsumerGroup.
+#[tracing::instrument(
+    name = "reconcile",
+    skip_all,
+    fields(kind = "ConsumerGroup", namespace = cg.metadata.namespace.as_deref().unwrap_or_default(), name = cg.metadata.name.as_deref().unwrap_or_default(), generation = cg.metadata.generation)
+)]
 pub async fn reconcile_consumer(
     cg: Arc<ConsumerGroup>,
     ctx: Arc<Context>,

@@ -1,7 +1,7 @@
 //! Kubernetes Lease election with client-go semantics, decided by a pure state machine; the IO (GET,
 //! create, compare-and-swap update of `coordination.k8s.io/v1` Lease objects) lives at the edge.
 //!
-//! Written here rather than taken from a crate (DESIGN.md, "Decisions"): the maintained crates either write
+//! Written here rather than taken from a crate (ARCHITECTURE.md, "Decisions worth knowing"): the maintained crates either write
 //! without compare-and-swap or keep reporting leadership after API errors, and the relay's ordering
 //! guarantee depends on exactly these rules:
 //! - a candidate takes over only after it has *observed* no change of the Lease for a full lease duration
