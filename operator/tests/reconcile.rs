@@ -364,13 +364,20 @@ async fn reconciling_twice_changes_nothing() {
     h.reconcile_relay("orders").await;
     h.reconcile_group("pharmacy").await;
     // The spec and metadata the operator writes, with `generation` (which a real API server bumps only for a
-    // changed spec). Not the status nor resourceVersion: the controller-manager keeps updating both.
+    // changed spec). Not the status nor resourceVersion, nor the Deployment controller's revision
+    // annotation: the controller-manager writes those whenever it gets to them, before or after our reads.
     fn content<K: serde::Serialize>(obj: K) -> serde_json::Value {
         let mut v = serde_json::to_value(obj).unwrap();
         v.as_object_mut().unwrap().remove("status");
         if let Some(m) = v.get_mut("metadata").and_then(|m| m.as_object_mut()) {
             m.remove("managedFields");
             m.remove("resourceVersion");
+            if let Some(a) = m.get_mut("annotations").and_then(|a| a.as_object_mut()) {
+                a.remove("deployment.kubernetes.io/revision");
+                if a.is_empty() {
+                    m.remove("annotations");
+                }
+            }
         }
         v
     }
