@@ -34,27 +34,13 @@ impl DatabaseTlsArgs {
             readable(ca, "--database-ca-file", "DATABASE_CA_FILE")?;
             opts = opts.ssl_mode(PgSslMode::VerifyFull).ssl_root_cert(ca);
         }
-        match (&self.database_cert_file, &self.database_key_file) {
-            (Some(cert), Some(key)) => {
-                readable(cert, "--database-cert-file", "DATABASE_CERT_FILE")?;
-                readable(key, "--database-key-file", "DATABASE_KEY_FILE")?;
-                opts = opts.ssl_client_cert(cert).ssl_client_key(key);
-            }
-            (Some(_), None) => {
-                return Err(config_error(
-                    "--database-key-file",
-                    "DATABASE_KEY_FILE",
-                    "is required with --database-cert-file",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(config_error(
-                    "--database-cert-file",
-                    "DATABASE_CERT_FILE",
-                    "is required with --database-key-file",
-                ))
-            }
-            (None, None) => {}
+        if let Some((cert, key)) = cert_and_key(
+            &self.database_cert_file,
+            ("--database-cert-file", "DATABASE_CERT_FILE"),
+            &self.database_key_file,
+            ("--database-key-file", "DATABASE_KEY_FILE"),
+        )? {
+            opts = opts.ssl_client_cert(cert).ssl_client_key(key);
         }
         Ok(opts)
     }
@@ -143,28 +129,14 @@ impl KafkaSecurityArgs {
                 ca_bundle(several, bundle_dir)?.display().to_string(),
             ),
         }
-        match (&self.kafka_cert_file, &self.kafka_key_file) {
-            (Some(cert), Some(key)) => {
-                readable(cert, "--kafka-cert-file", "KAFKA_CERT_FILE")?;
-                readable(key, "--kafka-key-file", "KAFKA_KEY_FILE")?;
-                set("ssl.certificate.location", cert.display().to_string());
-                set("ssl.key.location", key.display().to_string());
-            }
-            (Some(_), None) => {
-                return Err(config_error(
-                    "--kafka-key-file",
-                    "KAFKA_KEY_FILE",
-                    "is required with --kafka-cert-file",
-                ))
-            }
-            (None, Some(_)) => {
-                return Err(config_error(
-                    "--kafka-cert-file",
-                    "KAFKA_CERT_FILE",
-                    "is required with --kafka-key-file",
-                ))
-            }
-            (None, None) => {}
+        if let Some((cert, key)) = cert_and_key(
+            &self.kafka_cert_file,
+            ("--kafka-cert-file", "KAFKA_CERT_FILE"),
+            &self.kafka_key_file,
+            ("--kafka-key-file", "KAFKA_KEY_FILE"),
+        )? {
+            set("ssl.certificate.location", cert.display().to_string());
+            set("ssl.key.location", key.display().to_string());
         }
         if let Some((mechanism, username, password)) = sasl {
             set("sasl.mechanism", mechanism.property().into());
@@ -249,6 +221,34 @@ fn ca_bundle(files: &[PathBuf], dir: &Path) -> anyhow::Result<PathBuf> {
         )
     })?;
     Ok(path)
+}
+
+/// A client certificate and its key, both readable, or neither; one without the other is a
+/// [`ConfigError`](crate::service::ConfigError) naming the missing flag.
+fn cert_and_key<'a>(
+    cert: &'a Option<PathBuf>,
+    cert_flag: (&'static str, &'static str),
+    key: &'a Option<PathBuf>,
+    key_flag: (&'static str, &'static str),
+) -> anyhow::Result<Option<(&'a Path, &'a Path)>> {
+    match (cert, key) {
+        (Some(c), Some(k)) => {
+            readable(c, cert_flag.0, cert_flag.1)?;
+            readable(k, key_flag.0, key_flag.1)?;
+            Ok(Some((c, k)))
+        }
+        (Some(_), None) => Err(config_error(
+            key_flag.0,
+            key_flag.1,
+            format!("is required with {}", cert_flag.0),
+        )),
+        (None, Some(_)) => Err(config_error(
+            cert_flag.0,
+            cert_flag.1,
+            format!("is required with {}", key_flag.0),
+        )),
+        (None, None) => Ok(None),
+    }
 }
 
 fn readable(path: &Path, flag: &'static str, env: &'static str) -> anyhow::Result<()> {

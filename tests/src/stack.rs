@@ -152,6 +152,31 @@ impl Stack {
         Ok(stack)
     }
 
+    /// Waits until every order has exactly one effect per group (failing on any duplicate effect), or panics
+    /// with the ledger and every process's last lines after `timeout`.
+    pub async fn settle(&self, timeout: Duration) -> crate::ledger::Ledger {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let l = crate::ledger::ledger(&self.pool).await.unwrap();
+            assert!(l.no_duplicates(), "a duplicate effect: {l:?}");
+            if l.complete() {
+                return l;
+            }
+            if tokio::time::Instant::now() > deadline {
+                let logs: Vec<String> = self
+                    .procs
+                    .iter()
+                    .map(|(n, p)| format!("--- {n}\n{}", p.logs().join("\n")))
+                    .collect();
+                panic!(
+                    "ledger incomplete after {timeout:?}: {l:?}\n{}",
+                    logs.join("\n")
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     /// Waits until the members of `group` together own `partitions` partitions (the group has settled).
     pub async fn wait_assigned(
         &self,

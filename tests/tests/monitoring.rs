@@ -6,7 +6,6 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use e2e::ledger::ledger;
 use e2e::load::post_orders;
 use e2e::stack::{Options, Stack};
 
@@ -96,14 +95,7 @@ async fn every_metric_the_alerts_and_the_dashboard_use_is_exported() {
     .await
     .unwrap();
     post_orders(&stack.api, 20, 4, false).await.unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while !ledger(&stack.pool).await.unwrap().complete() {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "orders not delivered"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stack.settle(Duration::from_secs(60)).await;
     // Consumers publish lag per owned partition every 2 s; wait for the first round.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     while !stack

@@ -12,28 +12,8 @@ use tokio::sync::Mutex;
 
 static ONE_AT_A_TIME: Mutex<()> = Mutex::const_new(());
 
-/// Waits until every order has its effects (or fails with the ledger and the logs).
 async fn settle(stack: &Stack, timeout: Duration) -> Ledger {
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        let l = ledger(&stack.pool).await.unwrap();
-        assert!(l.no_duplicates(), "a duplicate effect: {l:?}");
-        if l.complete() {
-            return l;
-        }
-        if tokio::time::Instant::now() > deadline {
-            let logs: Vec<String> = stack
-                .procs
-                .iter()
-                .map(|(n, p)| format!("--- {n}\n{}", p.logs().join("\n")))
-                .collect();
-            panic!(
-                "ledger incomplete after {timeout:?}: {l:?}\n{}",
-                logs.join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    stack.settle(timeout).await
 }
 
 async fn count(stack: &Stack, sql: &str) -> i64 {
