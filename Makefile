@@ -1,5 +1,5 @@
 # The README's commands. `make test` works on a fresh Debian machine with a Rust toolchain.
-.PHONY: setup test lint check-manifests check-alerts unit bench bench-relay bench-consumer bench-autoscale build demo images kind-e2e
+.PHONY: setup test lint check-manifests check-alerts unit bench bench-relay bench-consumer bench-autoscale build demo soak fuzz images kind-e2e
 
 setup:
 	@bash scripts/setup.sh
@@ -42,6 +42,23 @@ bench-consumer: setup
 bench-autoscale: setup
 	cargo build --release --locked -p operator --examples
 	./target/release/examples/bench_autoscale
+
+# The chaos soak: the demo stack (two relays in Lease mode on the test bed's control plane, or single mode
+# without it) under a steady order load while a seeded driver kills, pauses and restarts its parts; the
+# ledger line at the end, exit 1 on a broken guarantee. SEED=N replays a fault schedule; ORDERS=N sizes it.
+ORDERS ?= 100000
+soak: build
+	./target/debug/outbox-soak --orders $(ORDERS) $(if $(SEED),--seed $(SEED))
+
+# Fuzzing where outside bytes come in (NewEvent validation, the consumer's record decoding, the demo API's
+# request bodies, custom resource specs): proptest-driven, FUZZ_SECONDS per target (see
+# test-support/src/fuzz.rs for why not cargo-fuzz). `make test` runs the same targets for 2,000 inputs each.
+FUZZ_SECONDS ?= 60
+fuzz: setup
+	@mkdir -p target
+	bash -o pipefail -c 'FUZZ_SECONDS=$(FUZZ_SECONDS) cargo test --locked -p outbox -p consumer-runtime -p demo-api \
+	  -p operator --test fuzz -- --nocapture --test-threads 1 2>&1 | tee target/fuzz.log | grep -oE "fuzz .* inputs in .*|panicked.*|minimal input|replay|test result"'
+	@awk '/fuzz .* inputs in/ {n += $$(NF-7); s += $$(NF-4)} END {printf "fuzz: %d inputs in %.0f s over all targets, no failure\n", n, s}' target/fuzz.log
 
 # Every binary of the workspace (debug profile: quick to build, plenty fast for the demo).
 build: setup

@@ -169,7 +169,8 @@ async fn create_order(
         let id = Uuid::now_v7();
         let items = serde_json::to_value(&order.items).expect("items serialize");
         let payload = json!({"order_id": id, "customer": order.customer, "items": items});
-        let event = NewEvent::new(&s.orders_topic, id.to_string())
+        // Keyed by customer: one customer's orders reach every consumer in the order they were placed.
+        let event = NewEvent::new(&s.orders_topic, &order.customer)
             .json(&payload)?
             .event_type("OrderCreated")
             .aggregate("order", id.to_string());

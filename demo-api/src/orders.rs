@@ -57,6 +57,10 @@ fn string(v: &Value, field: &str, max: usize) -> Result<String, Rejection> {
             field,
             format!("must be at most {max} characters"),
         )),
+        // PostgreSQL text cannot hold NUL: refuse it here, not as a failed INSERT.
+        Some(Value::String(s)) if s.contains('\0') => {
+            Err(Rejection::field(field, "must not contain NUL (\\u0000)"))
+        }
         Some(Value::String(s)) => Ok(s.clone()),
         Some(_) => Err(Rejection::field(field, "must be a string")),
     }

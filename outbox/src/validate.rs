@@ -52,7 +52,8 @@ pub fn topic(name: &str) -> Result<(), ValidationError> {
     Ok(())
 }
 
-/// Checks a record key: not empty, at most [`MAX_KEY_BYTES`] bytes.
+/// Checks a record key: not empty, at most [`MAX_KEY_BYTES`] bytes, no NUL (the key is stored as text,
+/// which in PostgreSQL cannot hold NUL).
 pub fn key(key: &str) -> Result<(), ValidationError> {
     if key.is_empty() {
         return Err(ValidationError::new(
@@ -64,6 +65,12 @@ pub fn key(key: &str) -> Result<(), ValidationError> {
         return Err(ValidationError::new(
             "key",
             format!("is {} bytes, the maximum is {MAX_KEY_BYTES}", key.len()),
+        ));
+    }
+    if key.contains('\0') {
+        return Err(ValidationError::new(
+            "key",
+            "contains NUL (\\u0000), which PostgreSQL text cannot store",
         ));
     }
     Ok(())
@@ -184,6 +191,10 @@ mod tests {
     #[test]
     fn key_and_optional_fields() {
         assert_eq!(event(&NewEvent::new("t", ""), 10).unwrap_err().field, "key");
+        // Found by fuzzing: a NUL passed validation and then failed the INSERT as a database error.
+        let nul = event(&NewEvent::new("t", "a\0b"), 10).unwrap_err();
+        assert_eq!(nul.field, "key");
+        assert!(nul.reason.contains("NUL"), "{nul}");
         assert_eq!(
             event(&NewEvent::new("t", "k").event_type(""), 10)
                 .unwrap_err()

@@ -1,11 +1,14 @@
 //! Real servers for tests and benchmarks, started on free loopback ports and torn down afterwards:
 //! a throwaway PostgreSQL cluster per process ([`pg`]), librdkafka's in-process mock cluster and a tansu
 //! broker ([`kafka`]) with an optional TLS listener (stunnel) in front, a real Kubernetes control plane
-//! ([`control_plane`], feature `control-plane`) and test certificate authorities ([`tls`], feature `tls`).
+//! ([`control_plane`], feature `control-plane`) and test certificate authorities ([`tls`], feature `tls`) and a time-bounded fuzzing driver
+//! ([`fuzz`], feature `fuzz`).
 //! Nothing here touches a shared system database or a non-loopback address.
 
 #[cfg(feature = "control-plane")]
 pub mod control_plane;
+#[cfg(feature = "fuzz")]
+pub mod fuzz;
 pub mod kafka;
 pub mod pg;
 pub mod prometheus;

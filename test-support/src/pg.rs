@@ -16,12 +16,18 @@ pub enum Durability {
     Throwaway,
     /// PostgreSQL defaults (fsync, synchronous commit): for benchmarks, so figures mean something.
     Durable,
+    /// Synchronous commit on, `fsync=off`: a committed transaction survives a crash of the server process
+    /// (SIGKILL, immediate shutdown) though not of the machine — what a chaos test that restarts PostgreSQL
+    /// needs, without paying for fsync on a shared disk.
+    SurvivesServerCrash,
 }
 
 /// A running PostgreSQL server owned by this process.
 pub struct PgServer {
     port: u16,
     child: Mutex<Child>,
+    // How the server was started, to start it again on the same data and port (`restart_immediate`).
+    launch: Launch,
     // Kept for its Drop (removes the data directory) on servers that are dropped.
     _dir: tempfile::TempDir,
 }
@@ -102,16 +108,19 @@ impl PgServer {
             bail!("initdb failed: {}", String::from_utf8_lossy(&out.stderr));
         }
         let port = crate::free_port();
-        let log = std::fs::File::create(dir.path().join("postgres.log"))?;
+        std::fs::File::create(dir.path().join("postgres.log"))?;
         if let Some((uid, gid)) = run_as {
             std::os::unix::fs::chown(dir.path().join("postgres.log"), Some(uid), Some(gid))?;
         }
-        let mut cmd = command("postgres");
-        cmd.arg("-D")
-            .arg(&data)
-            .args(["-p", &port.to_string(), "-h", "127.0.0.1", "-k"])
-            .arg(dir.path())
-            .args(["-c", "max_connections=300", "-c", "shared_buffers=256MB"]);
+        let mut args: Vec<std::ffi::OsString> = vec!["-D".into(), data.clone().into()];
+        args.extend(
+            ["-p", &port.to_string(), "-h", "127.0.0.1", "-k"].map(std::ffi::OsString::from),
+        );
+        args.push(dir.path().into());
+        args.extend(
+            ["-c", "max_connections=300", "-c", "shared_buffers=256MB"]
+                .map(std::ffi::OsString::from),
+        );
         if let Some((cert, key)) = tls {
             use std::os::unix::fs::PermissionsExt;
             let (cert_path, key_path) =
@@ -124,31 +133,36 @@ impl PgServer {
                 std::os::unix::fs::chown(&cert_path, Some(uid), Some(gid))?;
                 std::os::unix::fs::chown(&key_path, Some(uid), Some(gid))?;
             }
-            cmd.args(["-c", "ssl=on", "-c"])
-                .arg(format!("ssl_cert_file={}", cert_path.display()))
-                .arg("-c")
-                .arg(format!("ssl_key_file={}", key_path.display()));
+            args.extend(["-c", "ssl=on", "-c"].map(std::ffi::OsString::from));
+            args.push(format!("ssl_cert_file={}", cert_path.display()).into());
+            args.push("-c".into());
+            args.push(format!("ssl_key_file={}", key_path.display()).into());
         }
-        if durability == Durability::Throwaway {
-            cmd.args([
-                "-c",
+        let relaxed: &[&str] = match durability {
+            Durability::Throwaway => &[
                 "fsync=off",
-                "-c",
                 "synchronous_commit=off",
-                "-c",
                 "full_page_writes=off",
-            ]);
+            ],
+            Durability::SurvivesServerCrash => &["fsync=off", "full_page_writes=off"],
+            Durability::Durable => &[],
+        };
+        for setting in relaxed {
+            args.push("-c".into());
+            args.push((*setting).into());
         }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .context("start postgres")?;
-        crate::reaper::watch(child.id(), "QUIT", Some(dir.path()));
+        let launch = Launch {
+            program: bin.join("postgres"),
+            args,
+            run_as,
+            log: dir.path().join("postgres.log"),
+            dir: dir.path().to_path_buf(),
+        };
+        let child = launch.spawn()?;
         let server = Self {
             port,
             child: Mutex::new(child),
+            launch,
             _dir: dir,
         };
         server.wait_ready(Duration::from_secs(30))?;
@@ -170,6 +184,34 @@ impl PgServer {
             std::thread::sleep(Duration::from_millis(50));
         }
         Ok(())
+    }
+
+    /// Crashes the server (SIGQUIT to the postmaster: immediate shutdown, no checkpoint, every connection
+    /// dropped at once — what `pg_ctl restart -m immediate` does) and starts it again on the same data and
+    /// port; returns once it listens. The restarted server runs crash recovery before it accepts logins.
+    pub fn restart_immediate(&self) -> anyhow::Result<()> {
+        let mut child = self.child.lock().unwrap();
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(child.id() as i32),
+            nix::sys::signal::Signal::SIGQUIT,
+        );
+        child.wait().context("wait for postgres to stop")?;
+        // The postmaster's children leave with it; the socket lock file is what a restart may trip over.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            *child = self.launch.spawn()?;
+            std::thread::sleep(Duration::from_millis(200));
+            match child.try_wait()? {
+                None => break,
+                Some(status) if Instant::now() > deadline => {
+                    bail!("postgres did not start again ({status}); see its postgres.log")
+                }
+                // Still shutting down (the port or lock file is held a moment longer): try again.
+                Some(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+        drop(child);
+        self.wait_ready(Duration::from_secs(60))
     }
 
     /// The loopback port.
@@ -196,6 +238,35 @@ impl PgServer {
             .await?;
         conn.close().await?;
         Ok(self.url(&name))
+    }
+}
+
+/// The postgres command line of a server, kept to start it again.
+struct Launch {
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    run_as: Option<(u32, u32)>,
+    log: PathBuf,
+    dir: PathBuf,
+}
+
+impl Launch {
+    fn spawn(&self) -> anyhow::Result<Child> {
+        let mut cmd = Command::new(&self.program);
+        if let Some((uid, gid)) = self.run_as {
+            std::os::unix::process::CommandExt::uid(&mut cmd, uid);
+            std::os::unix::process::CommandExt::gid(&mut cmd, gid);
+        }
+        let log = std::fs::OpenOptions::new().append(true).open(&self.log)?;
+        let child = cmd
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("start postgres")?;
+        crate::reaper::watch(child.id(), "QUIT", Some(&self.dir));
+        Ok(child)
     }
 }
 

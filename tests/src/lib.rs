@@ -4,7 +4,9 @@
 //! the end-to-end tests drive the same [`stack::Stack`].
 
 pub mod bins;
+pub mod chaos;
 pub mod ledger;
 pub mod load;
 pub mod proc;
+pub mod soak;
 pub mod stack;

@@ -107,6 +107,13 @@ impl Proc {
         self.child.try_wait().ok().flatten()
     }
 
+    /// Sends it `signal`.
+    pub fn signal(&self, signal: Signal) -> anyhow::Result<()> {
+        let pid = self.child.id().context("the process has exited")?;
+        kill(Pid::from_raw(pid as i32), signal).with_context(|| format!("signal {signal}"))?;
+        Ok(())
+    }
+
     /// Kills it with SIGKILL (a crash) and reaps it.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;

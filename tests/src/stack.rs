@@ -43,6 +43,15 @@ pub struct Options {
     pub extra_env: Vec<(String, String)>,
     /// librdkafka properties of the stack's own admin client (topic creation on a secured broker).
     pub kafka_admin_config: Vec<(String, String)>,
+    /// Relay processes: one is named `relay`; more are `relay-1`, `relay-2`, … sharing the outbox through
+    /// their coordination mode (`relay_args`).
+    pub relays: usize,
+    /// Arguments every relay gets besides the stack's (e.g. `--coordination lease …`).
+    pub relay_args: Vec<String>,
+    /// Environment only the relays get (e.g. `KUBECONFIG`, `POD_NAMESPACE` for lease mode).
+    pub relay_env: Vec<(String, String)>,
+    /// Durability of the throwaway PostgreSQL server.
+    pub durability: Durability,
 }
 
 impl Default for Options {
@@ -59,6 +68,10 @@ impl Default for Options {
             session_timeout: "6s",
             extra_env: Vec::new(),
             kafka_admin_config: Vec::new(),
+            relays: 1,
+            relay_args: Vec::new(),
+            relay_env: Vec::new(),
+            durability: Durability::Throwaway,
         }
     }
 }
@@ -95,8 +108,8 @@ impl Stack {
         let (pg, database_url) = match &opts.database_url {
             Some(url) => (None, url.clone()),
             None => {
-                let pg = tokio::task::spawn_blocking(|| PgServer::start(Durability::Throwaway))
-                    .await??;
+                let durability = opts.durability;
+                let pg = tokio::task::spawn_blocking(move || PgServer::start(durability)).await??;
                 let url = pg.create_database().await?;
                 (Some(pg), url)
             }
@@ -132,7 +145,9 @@ impl Stack {
         // The API migrates the outbox and shop schemas; the others wait for it to be ready.
         stack.spawn(stack.api_spec(api_port)?)?;
         stack.wait_ready(&["api"], Duration::from_secs(60)).await?;
-        stack.spawn(stack.relay_spec()?)?;
+        for name in stack.relay_names() {
+            stack.spawn(stack.relay_spec_named(&name)?)?;
+        }
         for i in 1..=opts.pharmacy {
             stack.spawn(stack.consumer_spec("pharmacy", i)?)?;
         }
@@ -226,8 +241,31 @@ impl Stack {
         })
     }
 
+    /// The relays' process names.
+    pub fn relay_names(&self) -> Vec<String> {
+        match self.opts.relays {
+            1 => vec!["relay".into()],
+            n => (1..=n).map(|i| format!("relay-{i}")).collect(),
+        }
+    }
+
+    /// The throwaway PostgreSQL server (none when the stack uses a given database).
+    pub fn postgres(&self) -> Option<&PgServer> {
+        self._pg.as_ref()
+    }
+
+    /// The in-process mock broker (none when the stack uses a given Kafka).
+    pub fn mock_broker(&self) -> Option<&Mock> {
+        self._mock.as_ref()
+    }
+
     /// How the relay is started (also used to restart it).
     pub fn relay_spec(&self) -> anyhow::Result<Spec> {
+        self.relay_spec_named("relay")
+    }
+
+    /// How relay `name` is started.
+    pub fn relay_spec_named(&self, name: &str) -> anyhow::Result<Spec> {
         let port = test_support::free_port();
         let args: Vec<String> = [
             "run",
@@ -240,15 +278,19 @@ impl Stack {
             "--poll-interval",
             "100ms",
             "--instance-id",
-            "relay",
+            name,
         ]
         .map(String::from)
         .to_vec();
+        let mut args = args;
+        args.extend(self.opts.relay_args.iter().cloned());
+        let mut env = self.common_env();
+        env.extend(self.opts.relay_env.iter().cloned());
         Ok(Spec {
-            name: "relay".into(),
+            name: name.into(),
             program: bin("outbox-relay")?,
             args,
-            env: self.common_env(),
+            env,
             http_port: port,
         })
     }
@@ -383,11 +425,19 @@ impl Stack {
             .collect()
     }
 
-    /// Stops every process with SIGTERM (consumers and API first, the relay last).
+    /// Sends `signal` to a running process (e.g. SIGSTOP / SIGCONT: a paused process keeps its sockets).
+    pub fn signal(&self, name: &str, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        self.procs
+            .get(name)
+            .with_context(|| format!("no process {name}"))?
+            .signal(signal)
+    }
+
+    /// Stops every process with SIGTERM (consumers and API first, the relays last).
     pub async fn stop(&mut self) -> Vec<(String, Option<std::process::ExitStatus>)> {
         let mut out = Vec::new();
         let mut names: Vec<String> = self.procs.keys().cloned().collect();
-        names.sort_by_key(|n| n == "relay");
+        names.sort_by_key(|n| n.starts_with("relay"));
         for name in names {
             if let Some(p) = self.procs.get_mut(&name) {
                 out.push((name, p.stop(Duration::from_secs(15)).await));
