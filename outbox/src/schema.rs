@@ -96,6 +96,17 @@ pub async fn migrate_schema(
 /// Optional because NOTIFY takes a database-wide lock at commit; very busy writers may prefer polling.
 pub async fn install_notify_trigger(pool: &PgPool, schema: &SchemaName) -> Result<(), Error> {
     let mut tx = pool.begin().await?;
+    // Relays of one Deployment start together: without this, two installs both find no trigger (a DROP
+    // IF EXISTS of nothing takes no lock) and the second CREATE fails. SHARE ROW EXCLUSIVE is the lock
+    // CREATE TRIGGER takes anyway; taken first, it queues the installs.
+    tx.execute(
+        format!(
+            "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
+            schema.table("events")
+        )
+        .as_str(),
+    )
+    .await?;
     tx.execute(
         format!(
             "DROP TRIGGER IF EXISTS events_notify ON {}",

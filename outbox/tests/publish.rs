@@ -201,3 +201,27 @@ async fn custom_schema_and_idempotent_migrations() {
     let err = outbox::migrate(&db.pool, "Bad-Name").await.unwrap_err();
     assert!(err.to_string().contains("field `schema`"), "{err}");
 }
+
+/// Relays of one Deployment start together and each installs the trigger: found by the chaos soak, where the
+/// second relay exited with "trigger events_notify already exists".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_starting_together_install_the_notify_trigger_without_conflict() {
+    for _ in 0..5 {
+        let pool = db().await;
+        let schema = SchemaName::new("outbox").unwrap();
+        let installs = (0..8).map(|_| {
+            let (pool, schema) = (pool.clone(), schema.clone());
+            tokio::spawn(async move { outbox::install_notify_trigger(&pool, &schema).await })
+        });
+        for r in futures::future::join_all(installs).await {
+            r.unwrap().expect("a concurrent install succeeds");
+        }
+        let triggers: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_trigger WHERE tgname = 'events_notify' AND tgrelid = 'outbox.events'::regclass",
+        )
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(triggers, 1);
+    }
+}
