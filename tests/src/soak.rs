@@ -199,6 +199,7 @@ impl Report {
 /// Runs the soak and returns its report (an error only when the stack itself cannot be run).
 pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
     let started = Instant::now();
+    let started_unix = unix_now();
     let (plane, coordination) = control_plane(opts.coordination).await?;
     let mut relay_args: Vec<String> = vec!["--standby-ready".into(), "true".into()];
     let mut relay_env = Vec::new();
@@ -282,6 +283,18 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
     driver.restart_unexpected_exits(&mut stack).await?;
 
     let l = drain(&stack.pool, opts.settle_timeout).await?;
+    if !l.complete() {
+        // Why it did not drain: what each consumer and relay said last, and the consumers' lag.
+        for (name, p) in &stack.procs {
+            let lag = match stack.metrics(name).await {
+                Ok(t) => test_support::metric_value(&t, "outbox_consumer_lag"),
+                Err(_) => f64::NAN,
+            };
+            let logs = p.logs();
+            let tail = &logs[logs.len().saturating_sub(15)..];
+            println!("soak: not drained; {name} (lag {lag}):\n{}", tail.join("\n"));
+        }
+    }
     driver.absorbed += scrape_sum(
         &stack,
         &consumer_names(&stack),
@@ -323,15 +336,19 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
     report.pending = scalar(pool, "SELECT count(*) FROM outbox.events").await?;
     report.dead = scalar(pool, "SELECT count(*) FROM outbox.dead").await?;
     report.p99_ms = latency_ms(pool, &[0.99]).await?[0];
-    for (at, _) in &driver.leader_outages {
+    for (at, fault) in &driver.leader_outages {
         let gap: Option<f64> = sqlx::query_scalar(
-            "SELECT extract(epoch FROM min(published_at) - to_timestamp($1)) * 1000 \
+            "SELECT (extract(epoch FROM min(published_at) - to_timestamp($1)) * 1000)::float8 \
                FROM outbox.archive WHERE published_at > to_timestamp($1)",
         )
         .bind(*at)
         .fetch_one(pool)
         .await?;
         if let Some(g) = gap {
+            println!(
+                "soak: {fault} at +{:.0}s: next publish {g:.0} ms later",
+                at - started_unix
+            );
             report.max_failover_gap_ms = report.max_failover_gap_ms.max(g);
         }
     }
