@@ -95,35 +95,32 @@ pub async fn migrate_schema(
 ///
 /// Optional because NOTIFY takes a database-wide lock at commit; very busy writers may prefer polling.
 pub async fn install_notify_trigger(pool: &PgPool, schema: &SchemaName) -> Result<(), Error> {
+    // Relays of one Deployment start together, and restart while others write: installers queue on an
+    // advisory lock (two DROP IF EXISTS + CREATE raced: the second CREATE failed), and an installed trigger
+    // is left alone — DDL on the hot events table at every start deadlocked with running claims (seen in
+    // the chaos soak).
     let mut tx = pool.begin().await?;
-    // Relays of one Deployment start together: without this, two installs both find no trigger (a DROP
-    // IF EXISTS of nothing takes no lock) and the second CREATE fails. SHARE ROW EXCLUSIVE is the lock
-    // CREATE TRIGGER takes anyway; taken first, it queues the installs.
-    tx.execute(
-        format!(
-            "LOCK TABLE {} IN SHARE ROW EXCLUSIVE MODE",
-            schema.table("events")
-        )
-        .as_str(),
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1))")
+        .bind(format!("{}.events_notify", schema.as_str()))
+        .execute(&mut *tx)
+        .await?;
+    let installed: bool = sqlx::query_scalar(
+        "SELECT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = 'events_notify' AND tgrelid = $1::regclass)",
     )
+    .bind(schema.table("events"))
+    .fetch_one(&mut *tx)
     .await?;
-    tx.execute(
-        format!(
-            "DROP TRIGGER IF EXISTS events_notify ON {}",
-            schema.table("events")
+    if !installed {
+        tx.execute(
+            format!(
+                "CREATE TRIGGER events_notify AFTER INSERT ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()",
+                schema.table("events"),
+                schema.table("notify_relay")
+            )
+            .as_str(),
         )
-        .as_str(),
-    )
-    .await?;
-    tx.execute(
-        format!(
-            "CREATE TRIGGER events_notify AFTER INSERT ON {} FOR EACH STATEMENT EXECUTE FUNCTION {}()",
-            schema.table("events"),
-            schema.table("notify_relay")
-        )
-        .as_str(),
-    )
-    .await?;
+        .await?;
+    }
     tx.commit().await?;
     Ok(())
 }

@@ -225,3 +225,28 @@ async fn relays_starting_together_install_the_notify_trigger_without_conflict() 
         assert_eq!(triggers, 1);
     }
 }
+
+/// A relay restarting while writers are busy must not take a table lock on `events`: the soak saw such an
+/// install deadlock with running claims. An installed trigger is left alone, so an open writer transaction
+/// does not hold the install up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_installed_trigger_is_left_alone_while_writers_hold_the_table() {
+    let pool = db().await;
+    let schema = SchemaName::new("outbox").unwrap();
+    outbox::install_notify_trigger(&pool, &schema)
+        .await
+        .unwrap();
+    let mut writer = pool.begin().await.unwrap();
+    Outbox::new(schema.clone())
+        .publish(&mut writer, NewEvent::new("t", "k"))
+        .await
+        .unwrap();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        outbox::install_notify_trigger(&pool, &schema),
+    )
+    .await
+    .expect("the install waits for no writer")
+    .unwrap();
+    writer.commit().await.unwrap();
+}

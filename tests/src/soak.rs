@@ -292,7 +292,10 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
             };
             let logs = p.logs();
             let tail = &logs[logs.len().saturating_sub(15)..];
-            println!("soak: not drained; {name} (lag {lag}):\n{}", tail.join("\n"));
+            println!(
+                "soak: not drained; {name} (lag {lag}):\n{}",
+                tail.join("\n")
+            );
         }
     }
     driver.absorbed += scrape_sum(
