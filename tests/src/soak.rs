@@ -298,12 +298,9 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
             );
         }
     }
-    driver.absorbed += scrape_sum(
-        &stack,
-        &consumer_names(&stack),
-        "outbox_consumer_duplicates_skipped_total",
-    )
-    .await;
+    for group in ["pharmacy", "notification"] {
+        driver.absorbed += stack.metric_sum(group, DUPLICATES_SKIPPED).await as u64;
+    }
     let (regressions, last_epoch) = epochs.stop().await;
     let mut report = Report {
         seed: opts.seed,
@@ -368,14 +365,10 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
     report.elapsed = started.elapsed();
     for (name, status) in stack.stop().await {
         if !status.is_some_and(|s| s.success()) {
-            report
-                .unexpected_exits
-                .entry(format!("{name}(stop)"))
-                .or_default();
             *report
                 .unexpected_exits
-                .get_mut(&format!("{name}(stop)"))
-                .unwrap() += 1;
+                .entry(format!("{name}(stop)"))
+                .or_default() += 1;
         }
     }
     drop(plane);
@@ -445,15 +438,7 @@ fn consumer_names(stack: &Stack) -> Vec<String> {
         .collect()
 }
 
-async fn scrape_sum(stack: &Stack, names: &[String], metric: &str) -> u64 {
-    let mut total = 0.0;
-    for n in names {
-        if let Ok(text) = stack.metrics(n).await {
-            total += test_support::metric_value(&text, metric);
-        }
-    }
-    total as u64
-}
+const DUPLICATES_SKIPPED: &str = "outbox_consumer_duplicates_skipped_total";
 
 /// The fault injector's bookkeeping.
 struct Driver {
@@ -531,12 +516,8 @@ impl Driver {
             Fault::KillConsumer => {
                 let names = consumer_names(stack);
                 let victim = names[pick as usize % names.len()].clone();
-                self.absorbed += scrape_sum(
-                    stack,
-                    std::slice::from_ref(&victim),
-                    "outbox_consumer_duplicates_skipped_total",
-                )
-                .await;
+                // Its counter dies with it: add what it absorbed so far.
+                self.absorbed += stack.metric_sum(&victim, DUPLICATES_SKIPPED).await as u64;
                 stack.kill(&victim).await?;
                 tokio::time::sleep(hold).await;
                 stack.restart(&victim).await?;
