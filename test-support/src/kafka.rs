@@ -348,3 +348,47 @@ impl Drop for TlsTansu {
         let _ = self.stunnel.wait();
     }
 }
+
+/// A tansu broker that clients reach through a loopback TCP proxy (tansu advertises the proxy), so a broker
+/// outage can be made at the proxy: every connection cut, new ones closed at once, while the broker keeps its
+/// topics, offsets and groups — what clients see when a broker with durable storage restarts or a network
+/// partition heals. Not the mock cluster: after its own `broker_down`/`broker_up` requests on the re-made
+/// connections went unanswered for up to a minute (a plain librdkafka consumer shows it too), and cutting
+/// its connections mid-rebalance aborts the process (`rd_kafka_mock_cgrp_classic_member_add: Assertion
+/// '!member->resp' failed`).
+pub struct ProxiedTansu {
+    // Field order matters on drop: the proxy first, then the broker.
+    proxy: crate::delay_proxy::DelayProxy,
+    broker: Tansu,
+}
+
+impl ProxiedTansu {
+    /// Starts tansu advertising a proxy on a free port, and the proxy.
+    pub fn start() -> anyhow::Result<Self> {
+        let proxy_port = crate::free_port();
+        let broker = Tansu::start_advertising(Some(proxy_port))?;
+        let target: std::net::SocketAddr = broker.bootstrap().parse()?;
+        let proxy = crate::delay_proxy::DelayProxy::start_on(proxy_port, target, Duration::ZERO)?;
+        Ok(Self { proxy, broker })
+    }
+
+    /// The bootstrap address clients use (the proxy).
+    pub fn bootstrap_servers(&self) -> String {
+        self.proxy.addr().to_string()
+    }
+
+    /// The broker's own address (bypassing the proxy).
+    pub fn direct(&self) -> String {
+        self.broker.bootstrap()
+    }
+
+    /// Starts an outage: connections cut and refused until [`ProxiedTansu::restore`].
+    pub fn cut(&self) {
+        self.proxy.cut();
+    }
+
+    /// Ends an outage.
+    pub fn restore(&self) {
+        self.proxy.restore();
+    }
+}

@@ -2,11 +2,12 @@
 //! a throwaway PostgreSQL cluster per process ([`pg`]), librdkafka's in-process mock cluster and a tansu
 //! broker ([`kafka`]) with an optional TLS listener (stunnel) in front, a real Kubernetes control plane
 //! ([`control_plane`], feature `control-plane`) and test certificate authorities ([`tls`], feature `tls`) and a time-bounded fuzzing driver
-//! ([`fuzz`], feature `fuzz`).
+//! ([`fuzz`], feature `fuzz`), and a TCP proxy that adds network latency on loopback ([`delay_proxy`]).
 //! Nothing here touches a shared system database or a non-loopback address.
 
 #[cfg(feature = "control-plane")]
 pub mod control_plane;
+pub mod delay_proxy;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
 pub mod kafka;
