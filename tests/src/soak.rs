@@ -112,8 +112,8 @@ pub struct Report {
     pub faults: BTreeMap<Fault, u32>,
     /// Redeliveries the consumers' inboxes skipped (scraped before each consumer kill and at the end).
     pub duplicates_absorbed: u64,
-    /// Batches refused by the fence (`outbox_relay_batch_errors_total{reason="fenced"}`, scraped from paused
-    /// relays after they resumed).
+    /// Batches a paused leader could not commit after it resumed: refused by the fence or rolled back
+    /// when it noticed the lost Lease (`outbox_relay_batch_errors_total{reason="fenced"|"lost"}`).
     pub fence_refusals: u64,
     /// Longest time from a leader kill or pause under load to the next publish.
     pub max_failover_gap_ms: f64,
@@ -237,6 +237,7 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
         relay_args,
         relay_env,
         durability: Durability::SurvivesServerCrash,
+        broker_outages: true,
         ..Options::default()
     })
     .await?;
@@ -544,13 +545,12 @@ impl Driver {
                 tokio::task::block_in_place(|| pg.restart_immediate())?;
             }
             Fault::BrokerOutage => {
-                let mock = stack
-                    .mock_broker()
+                let broker = stack
+                    .broker_outage()
                     .context("the soak takes its own broker down")?;
-                mock.broker_down(1)?;
+                broker.cut();
                 tokio::time::sleep(hold).await;
-                let mock = stack.mock_broker().expect("still there");
-                mock.broker_up(1)?;
+                broker.restore();
             }
             Fault::ApiCrashAfterCommit => {
                 let r = reqwest::Client::new()
@@ -578,13 +578,14 @@ impl Driver {
     }
 }
 
-/// `outbox_relay_batch_errors_total{reason="fenced"}` of a relay.
+/// `outbox_relay_batch_errors_total{reason="fenced"|"lost"}` of a relay.
 async fn fenced(stack: &Stack, relay: &str) -> u64 {
     let Ok(text) = stack.metrics(relay).await else {
         return 0;
     };
     text.lines()
-        .filter(|l| l.starts_with("outbox_relay_batch_errors_total{") && l.contains("\"fenced\""))
+        .filter(|l| l.starts_with("outbox_relay_batch_errors_total{"))
+        .filter(|l| l.contains("\"fenced\"") || l.contains("\"lost\""))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum::<f64>() as u64
 }

@@ -9,7 +9,15 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
-use test_support::kafka::{mock_cluster, Mock};
+use test_support::kafka::{mock_cluster, Mock, ProxiedTansu};
+
+/// The in-process broker of a stack.
+enum Broker {
+    // Held so the cluster lives as long as the stack.
+    #[allow(dead_code)]
+    Mock(Mock),
+    Proxied(ProxiedTansu),
+}
 use test_support::pg::{Durability, PgServer};
 
 use crate::bins::bin;
@@ -52,6 +60,9 @@ pub struct Options {
     pub relay_env: Vec<(String, String)>,
     /// Durability of the throwaway PostgreSQL server.
     pub durability: Durability,
+    /// Run tansu behind a proxy that can cut every connection ([`Stack::broker_outage`]) instead of the
+    /// mock cluster.
+    pub broker_outages: bool,
 }
 
 impl Default for Options {
@@ -72,6 +83,7 @@ impl Default for Options {
             relay_args: Vec::new(),
             relay_env: Vec::new(),
             durability: Durability::Throwaway,
+            broker_outages: false,
         }
     }
 }
@@ -90,7 +102,7 @@ pub struct Stack {
     pub procs: BTreeMap<String, Proc>,
     opts: Options,
     // Field order matters on drop: processes go first (above), then the broker, then the database.
-    _mock: Option<Mock>,
+    _mock: Option<Broker>,
     _pg: Option<PgServer>,
 }
 
@@ -125,10 +137,16 @@ impl Stack {
                 create_topics(b, &opts.kafka_admin_config, &topics).await?;
                 (None, b.clone())
             }
+            None if opts.broker_outages => {
+                let broker = tokio::task::spawn_blocking(ProxiedTansu::start).await??;
+                let b = broker.bootstrap_servers();
+                create_topics(&b, &opts.kafka_admin_config, &topics).await?;
+                (Some(Broker::Proxied(broker)), b)
+            }
             None => {
                 let mock = mock_cluster(1, &topics);
                 let b = mock.bootstrap_servers();
-                (Some(mock), b)
+                (Some(Broker::Mock(mock)), b)
             }
         };
         let api_port = port_or_free(opts.api_port);
@@ -254,9 +272,12 @@ impl Stack {
         self._pg.as_ref()
     }
 
-    /// The in-process mock broker (none when the stack uses a given Kafka).
-    pub fn mock_broker(&self) -> Option<&Mock> {
-        self._mock.as_ref()
+    /// The broker behind its proxy, to take it down and up (only with [`Options::broker_outages`]).
+    pub fn broker_outage(&self) -> Option<&ProxiedTansu> {
+        match &self._mock {
+            Some(Broker::Proxied(m)) => Some(m),
+            _ => None,
+        }
     }
 
     /// How the relay is started (also used to restart it).
@@ -315,7 +336,7 @@ impl Stack {
         ]
         .map(String::from)
         .to_vec();
-        if self._mock.is_some() {
+        if matches!(self._mock, Some(Broker::Mock(_))) {
             // The mock broker answers an empty fetch only at fetch.wait.max.ms (500 ms by default), where
             // a real broker answers as soon as data arrives: keep the demo's latency figures honest.
             args.extend(["--kafka-config".into(), "fetch.wait.max.ms=20".into()]);
