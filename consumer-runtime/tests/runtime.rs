@@ -19,7 +19,8 @@ use uuid::Uuid;
 const TOPIC: &str = "orders";
 
 /// Writes one `effects` row per handled event (no unique constraint: a duplicate effect would show).
-/// Payload "fail-N" fails retriably N times; "poison" fails permanently.
+/// Payload "fail-N" fails retriably N times; "poison" fails permanently; "drop-connection-N" kills its own
+/// database session N times (as a PostgreSQL restart does) and reports that as a retriable failure.
 #[derive(Clone, Default)]
 struct Effects {
     failures: Arc<Mutex<HashMap<Uuid, u32>>>,
@@ -44,6 +45,25 @@ impl Handler for Effects {
             if *seen < n {
                 *seen += 1;
                 return Err(HandlerError::Retriable(format!("failure {seen} of {n}")));
+            }
+        }
+        if let Some(n) = body
+            .strip_prefix("drop-connection-")
+            .and_then(|n| n.parse::<u32>().ok())
+        {
+            let drop_it = {
+                let mut f = self.failures.lock().unwrap();
+                let seen = f.entry(msg.event_id).or_insert(0);
+                *seen += 1;
+                *seen <= n
+            };
+            if drop_it {
+                let r = sqlx::query("SELECT pg_terminate_backend(pg_backend_pid())")
+                    .execute(&mut **tx)
+                    .await;
+                return Err(HandlerError::Retriable(format!(
+                    "connection dropped: {r:?}"
+                )));
             }
         }
         sqlx::query("INSERT INTO effects (event_id, payload) VALUES ($1, $2)")
@@ -206,6 +226,42 @@ async fn retriable_failures_retry_with_backoff_and_other_partitions_flow() {
         .await,
         1
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_failing_because_its_database_connection_died_is_not_an_attempt() {
+    let pool = setup().await;
+    let mock = mock_cluster(1, &[(TOPIC, 1), ("orders.dlq", 1)]);
+    // Five dropped sessions against three attempts: counted as attempts, the event would be dead-lettered.
+    let (alone, batched) = (Uuid::now_v7(), Uuid::now_v7());
+    let mut records = vec![(Some(alone), "k", "drop-connection-5")];
+    let rest: Vec<Uuid> = (0..10).map(|_| Uuid::now_v7()).collect();
+    records.extend(rest.iter().map(|id| (Some(*id), "k", "ok")));
+    records.push((Some(batched), "k", "drop-connection-5"));
+    produce(&mock.bootstrap_servers(), &records).await;
+    let (metrics, stop, task) = start(&pool, config(mock.bootstrap_servers(), "g"));
+    wait_for("all handled", Duration::from_secs(60), || async {
+        (metrics.processed.get() == 12).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(metrics.dead_lettered.get(), 0, "nothing dead-lettered");
+    assert_eq!(
+        metrics.retries.get(),
+        0,
+        "no handler attempt was counted for a dropped connection"
+    );
+    assert!(
+        metrics.database_errors.get() >= 10,
+        "each drop is a database error: {}",
+        metrics.database_errors.get()
+    );
+    assert_eq!(
+        count(&pool, "SELECT count(DISTINCT event_id) FROM effects").await,
+        12
+    );
+    assert_eq!(count(&pool, "SELECT count(*) FROM effects").await, 12);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

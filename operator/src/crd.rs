@@ -416,6 +416,12 @@ pub struct OutboxRelaySpec {
     #[serde(default = "default_batch")]
     #[schemars(range(min = 1, max = 50000))]
     pub batch_size: i32,
+    /// Batches claimed and sent before the oldest one is settled (1: one at a time). More overlaps the
+    /// database's work with the broker's acknowledgments; each batch in flight holds a database
+    /// connection and may be published again after a crash.
+    #[serde(default = "default_in_flight_batches")]
+    #[schemars(range(min = 1, max = 8))]
+    pub in_flight_batches: i32,
     /// Poll interval when drained, in milliseconds.
     #[serde(default = "default_poll")]
     #[schemars(range(min = 10, max = 60000))]
@@ -449,6 +455,9 @@ fn default_relay_replicas() -> i32 {
 }
 fn default_batch() -> i32 {
     1000
+}
+fn default_in_flight_batches() -> i32 {
+    2
 }
 fn default_poll() -> i32 {
     500

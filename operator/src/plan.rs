@@ -518,6 +518,7 @@ fn relay_env(cr: &OutboxRelay) -> Vec<EnvVar> {
         env("RELAY_STATUS_RESOURCE", name),
         env("RELAY_STANDBY_READY", "true"),
         env("RELAY_BATCH_SIZE", s.batch_size.to_string()),
+        env("RELAY_IN_FLIGHT_BATCHES", s.in_flight_batches.to_string()),
         env("RELAY_POLL_INTERVAL", format!("{}ms", s.poll_interval_ms)),
         env("RELAY_MAX_ATTEMPTS", s.max_attempts.to_string()),
         env(

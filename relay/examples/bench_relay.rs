@@ -1,9 +1,12 @@
 //! `make bench-relay`: 200,000 events of 200 bytes over 1,000 keys through PostgreSQL → relay → broker,
-//! compared with two limits measured in the same run on the same servers:
+//! compared with two limits measured in the same run on the same servers under the same latency:
 //! (a) PostgreSQL alone: claim + delete in 1,000-row batches, no Kafka;
 //! (b) Kafka alone: producing the same records with the relay's producer settings, no database.
-//! Then commit→ack latency at a steady 1,000 events/s, and the relay binary's peak RSS.
-//! Figures, not assertions: the last line is machine-readable.
+//! Three conditions: loopback; the broker 5 ms away (the mock cluster's round-trip time, about what a
+//! replicated `acks=all` produce takes); PostgreSQL 1 ms away (a delay proxy in front of it). The relay runs
+//! with 1, 2 and 4 batches in flight in each. Then commit→ack latency at a steady 1,000 events/s, and the
+//! relay binary's peak RSS. CPU per event is reported by process (relay, PostgreSQL, this process: the
+//! mock broker and the proxy). Figures, not assertions: one machine-readable line per condition and depth.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -17,7 +20,9 @@ use relay::producer::{KafkaSettings, Partitioning, Producer};
 use relay::store::{Retention, Store};
 use relay::{Relay, RelayConfig};
 use sqlx::postgres::PgPoolOptions;
-use sqlx::PgPool;
+use sqlx::{Connection, PgPool};
+use test_support::delay_proxy::DelayProxy;
+use test_support::kafka::Mock;
 use test_support::pg::{Durability, PgServer};
 
 const EVENTS: usize = 200_000;
@@ -25,6 +30,7 @@ const KEYS: usize = 1_000;
 const PAYLOAD: usize = 200;
 const BATCH: i64 = 1_000;
 const TOPIC: &str = "bench";
+const DEPTHS: [u16; 3] = [1, 2, 4];
 
 fn event(i: usize) -> NewEvent {
     let key = format!("customer-{}", i % KEYS);
@@ -35,26 +41,85 @@ fn event(i: usize) -> NewEvent {
         .event_type("OrderCreated")
 }
 
-async fn fresh_outbox(pg: &PgServer) -> anyhow::Result<(String, PgPool)> {
+/// Network latency added to one side.
+#[derive(Clone, Copy)]
+struct Condition {
+    name: &'static str,
+    broker_rtt: Duration,
+    database_rtt: Duration,
+}
+
+const CONDITIONS: [Condition; 3] = [
+    Condition {
+        name: "loopback",
+        broker_rtt: Duration::ZERO,
+        database_rtt: Duration::ZERO,
+    },
+    Condition {
+        name: "broker_rtt_5ms",
+        broker_rtt: Duration::from_millis(5),
+        database_rtt: Duration::ZERO,
+    },
+    Condition {
+        name: "database_rtt_1ms",
+        broker_rtt: Duration::ZERO,
+        database_rtt: Duration::from_millis(1),
+    },
+];
+
+/// The servers of the run: PostgreSQL with a seeded template database, the mock broker.
+struct Bed {
+    pg: PgServer,
+    mock: Mock,
+    template: String,
+}
+
+impl Bed {
+    /// A copy of the seeded outbox (`CREATE DATABASE … TEMPLATE`: a file copy, not 200,000 inserts),
+    /// reached through `proxy` when the condition puts the database farther away.
+    async fn outbox(&self, proxy: Option<&DelayProxy>) -> anyhow::Result<(String, PgPool)> {
+        let direct = self.pg.create_database().await?;
+        let name = direct.rsplit('/').next().unwrap_or_default().to_owned();
+        let mut admin = sqlx::PgConnection::connect(&self.pg.url("postgres")).await?;
+        sqlx::query(&format!("DROP DATABASE {name}"))
+            .execute(&mut admin)
+            .await?;
+        sqlx::query(&format!(
+            "CREATE DATABASE {name} TEMPLATE {}",
+            self.template
+        ))
+        .execute(&mut admin)
+        .await?;
+        admin.close().await?;
+        let url = match proxy {
+            Some(p) => format!("postgres://postgres@{}/{name}", p.addr()),
+            None => direct,
+        };
+        let pool = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(&url)
+            .await?;
+        Ok((url, pool))
+    }
+}
+
+async fn seed_template(pg: &PgServer) -> anyhow::Result<String> {
     let url = pg.create_database().await?;
     let pool = PgPoolOptions::new()
-        .max_connections(8)
+        .max_connections(2)
         .connect(&url)
         .await?;
     outbox::migrate(&pool, outbox::DEFAULT_SCHEMA).await?;
-    Ok((url, pool))
-}
-
-async fn seed(pool: &PgPool) -> anyhow::Result<()> {
     for chunk in (0..EVENTS).collect::<Vec<_>>().chunks(5_000) {
         let mut tx = pool.begin().await?;
         outbox::publish_all(&mut tx, chunk.iter().map(|i| event(*i)).collect()).await?;
         tx.commit().await?;
     }
     sqlx::query("VACUUM ANALYZE outbox.events")
-        .execute(pool)
+        .execute(&pool)
         .await?;
-    Ok(())
+    pool.close().await;
+    Ok(url.rsplit('/').next().unwrap_or_default().to_owned())
 }
 
 fn kafka(brokers: String) -> KafkaSettings {
@@ -68,11 +133,30 @@ fn kafka(brokers: String) -> KafkaSettings {
     }
 }
 
-async fn limit_postgres(pg: &PgServer) -> anyhow::Result<(f64, f64)> {
-    let (_, pool) = fresh_outbox(pg).await?;
-    seed(&pool).await?;
+/// What one phase cost: events per second and CPU per event by process.
+#[derive(Default, Clone, Copy)]
+struct Figures {
+    eps: f64,
+    machine_cores: f64,
+    cpu: Cpu,
+}
+
+impl Figures {
+    fn cpu_text(&self, events: f64) -> String {
+        let us = |s: f64| s / events * 1e6;
+        format!(
+            "cpu/event: relay {:.1} us, postgres {:.1} us, bench+broker {:.1} us",
+            us(self.cpu.relay),
+            us(self.cpu.postgres),
+            us(self.cpu.bench)
+        )
+    }
+}
+
+async fn limit_postgres(bed: &Bed, proxy: Option<&DelayProxy>) -> anyhow::Result<Figures> {
+    let (_, pool) = bed.outbox(proxy).await?;
     let store = Store::new(SchemaName::default());
-    let busy = machine_jiffies();
+    let meter = Meter::start(None);
     let start = Instant::now();
     let mut n = 0;
     loop {
@@ -89,11 +173,15 @@ async fn limit_postgres(pg: &PgServer) -> anyhow::Result<(f64, f64)> {
             .await?;
         tx.commit().await?;
     }
-    let eps = n as f64 / start.elapsed().as_secs_f64();
-    Ok((eps, cores_busy(busy, machine_jiffies())))
+    let (machine_cores, cpu) = meter.stop();
+    Ok(Figures {
+        eps: n as f64 / start.elapsed().as_secs_f64(),
+        machine_cores,
+        cpu,
+    })
 }
 
-async fn limit_kafka(brokers: &str) -> anyhow::Result<(f64, f64)> {
+async fn limit_kafka(brokers: &str) -> anyhow::Result<Figures> {
     let producer = Producer::new(kafka(brokers.into()), Arc::new(Health::default()))?;
     let records: Vec<ClaimedEvent> = (0..EVENTS)
         .map(|i| {
@@ -103,16 +191,21 @@ async fn limit_kafka(brokers: &str) -> anyhow::Result<(f64, f64)> {
             c
         })
         .collect();
-    let busy = machine_jiffies();
+    let meter = Meter::start(None);
     let start = Instant::now();
     let outcomes = producer.send_all(&records, vec![None; records.len()]).await;
     let secs = start.elapsed().as_secs_f64();
+    let (machine_cores, cpu) = meter.stop();
     let acked = outcomes
         .iter()
         .filter(|(d, _)| matches!(d, relay::plan::Delivery::Acked { .. }))
         .count();
     anyhow::ensure!(acked == EVENTS, "raw produce acked {acked} of {EVENTS}");
-    Ok((EVENTS as f64 / secs, cores_busy(busy, machine_jiffies())))
+    Ok(Figures {
+        eps: EVENTS as f64 / secs,
+        machine_cores,
+        cpu,
+    })
 }
 
 /// Machine-wide (busy, total) jiffies from /proc/stat, to report how many cores a phase kept busy.
@@ -137,11 +230,12 @@ fn cores_busy(before: (f64, f64), after: (f64, f64)) -> f64 {
     (after.0 - before.0) / (after.1 - before.1).max(1.0) * cores
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+/// (command name, CPU seconds used so far) of a process, from /proc/PID/stat.
+fn process_cpu(pid: &str) -> Option<(String, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (head, rest) = stat.rsplit_once(')')?;
+    let comm = head.split_once('(')?.1.to_owned();
     // Fields after the parenthesised command name; utime and stime are fields 14 and 15 overall.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or_default();
     let field = |i: usize| {
         rest.split_whitespace()
             .nth(i)
@@ -149,7 +243,73 @@ fn cpu_seconds(pid: u32) -> f64 {
             .unwrap_or(0.0)
     };
     let ticks = 100.0; // USER_HZ on Linux
-    (field(11) + field(12)) / ticks
+    Some((comm, (field(11) + field(12)) / ticks))
+}
+
+/// CPU seconds by process group: the relay binary, every PostgreSQL process, and this process (the
+/// in-process mock broker, the delay proxy, the load driver).
+#[derive(Default, Clone, Copy)]
+struct Cpu {
+    relay: f64,
+    postgres: f64,
+    bench: f64,
+}
+
+impl Cpu {
+    fn now(relay_pid: Option<u32>) -> Self {
+        let mut cpu = Cpu::default();
+        let me = std::process::id().to_string();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let pid = entry.file_name().to_string_lossy().to_string();
+            if !pid.chars().all(|c| c.is_ascii_digit()) {
+                continue;
+            }
+            let Some((comm, secs)) = process_cpu(&pid) else {
+                continue;
+            };
+            if comm == "postgres" {
+                cpu.postgres += secs;
+            } else if pid == me {
+                cpu.bench += secs;
+            } else if relay_pid.is_some_and(|r| r.to_string() == pid) {
+                cpu.relay += secs;
+            }
+        }
+        cpu
+    }
+
+    fn since(self, before: Cpu) -> Cpu {
+        Cpu {
+            relay: self.relay - before.relay,
+            postgres: self.postgres - before.postgres,
+            bench: self.bench - before.bench,
+        }
+    }
+}
+
+/// Machine and per-process CPU between `start` and `stop`. PostgreSQL backends that exit in between
+/// (the relay's pool closing) take their CPU time with them: the figures are lower bounds.
+struct Meter {
+    relay: Option<u32>,
+    machine: (f64, f64),
+    cpu: Cpu,
+}
+
+impl Meter {
+    fn start(relay: Option<u32>) -> Self {
+        Self {
+            relay,
+            machine: machine_jiffies(),
+            cpu: Cpu::now(relay),
+        }
+    }
+
+    fn stop(&self) -> (f64, Cpu) {
+        (
+            cores_busy(self.machine, machine_jiffies()),
+            Cpu::now(self.relay).since(self.cpu),
+        )
+    }
 }
 
 fn peak_rss_mb(pid: u32) -> f64 {
@@ -170,68 +330,106 @@ async fn pending(pool: &PgPool) -> i64 {
         .unwrap_or(-1)
 }
 
-/// The relay binary, as deployed, over a seeded outbox.
-struct RelayRun {
-    eps: f64,
-    rss_mb: f64,
-    relay_cores: f64,
-    machine_cores: f64,
+/// `outbox_relay_published_total` of the relay on `port` (a scrape costs far less than counting the
+/// outbox, which would put a sequential scan into every measurement).
+async fn published(http: &reqwest::Client, port: u16) -> Option<f64> {
+    let text = http
+        .get(format!("http://127.0.0.1:{port}/metrics"))
+        .send()
+        .await
+        .ok()?
+        .text()
+        .await
+        .ok()?;
+    Some(test_support::metric_value(
+        &text,
+        "outbox_relay_published_total",
+    ))
 }
 
-async fn relay_binary(pg: &PgServer, brokers: &str) -> anyhow::Result<RelayRun> {
-    let (url, pool) = fresh_outbox(pg).await?;
-    seed(&pool).await?;
+/// The relay binary, as deployed, over a copy of the seeded outbox.
+struct RelayRun {
+    figures: Figures,
+    events: f64,
+    rss_mb: f64,
+}
+
+async fn relay_binary(
+    bed: &Bed,
+    proxy: Option<&DelayProxy>,
+    in_flight: u16,
+) -> anyhow::Result<RelayRun> {
+    let (url, pool) = bed.outbox(proxy).await?;
     let bin = std::env::current_exe()?
         .parent()
         .and_then(|p| p.parent())
         .map(|p| p.join("outbox-relay"))
         .unwrap();
+    let port = test_support::free_port();
     let mut child = std::process::Command::new(&bin)
         .args([
             "run",
             "--http-addr",
-            "127.0.0.1:0",
+            &format!("127.0.0.1:{port}"),
             "--batch-size",
             &BATCH.to_string(),
+            "--in-flight-batches",
+            &in_flight.to_string(),
             "--notify",
             "false",
         ])
         .env("DATABASE_URL", &url)
-        .env("KAFKA_BOOTSTRAP", brokers)
+        .env("KAFKA_BOOTSTRAP", bed.mock.bootstrap_servers())
         .env("RUST_LOG", "warn")
         .spawn()?;
+    let http = reqwest::Client::new();
     // Time from the first settled batch to the last, so process start-up is not counted.
-    let (mut first, mut left_at_first, mut busy, mut relay_cpu) = (None, 0, machine_jiffies(), 0.0);
-    let end = loop {
-        let left = pending(&pool).await;
-        if first.is_none() && left < EVENTS as i64 {
-            first = Some(Instant::now());
-            left_at_first = left;
-            busy = machine_jiffies();
-            relay_cpu = cpu_seconds(child.id());
+    let (mut first, mut meter) = (None, Meter::start(Some(child.id())));
+    let deadline = Instant::now() + Duration::from_secs(600);
+    let (end, at_first) = loop {
+        let done = published(&http, port).await.unwrap_or(0.0);
+        if first.is_none() && done > 0.0 {
+            first = Some((Instant::now(), done));
+            meter = Meter::start(Some(child.id()));
         }
-        if left == 0 {
-            break Instant::now();
+        if done >= EVENTS as f64 {
+            break (Instant::now(), first.map_or(0.0, |f| f.1));
         }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "the relay did not drain the outbox"
+        );
         tokio::time::sleep(Duration::from_millis(5)).await;
     };
-    let machine_cores = cores_busy(busy, machine_jiffies());
+    let (machine_cores, cpu) = meter.stop();
     let rss_mb = peak_rss_mb(child.id());
-    let cpu = cpu_seconds(child.id()) - relay_cpu;
     child.kill()?;
     child.wait()?;
-    let wall = (end - first.expect("relay made progress")).as_secs_f64();
+    anyhow::ensure!(
+        pending(&pool).await == 0,
+        "events left after the relay reported them all"
+    );
+    let wall = (end - first.expect("relay made progress").0).as_secs_f64();
+    let events = EVENTS as f64 - at_first;
     Ok(RelayRun {
-        eps: left_at_first as f64 / wall,
+        figures: Figures {
+            eps: events / wall,
+            machine_cores,
+            cpu,
+        },
+        events,
         rss_mb,
-        relay_cores: cpu / wall,
-        machine_cores,
     })
 }
 
 /// Commit→ack latency at a steady 1,000 events/s (10 events per transaction every 10 ms, for 10 s).
 async fn latency(pg: &PgServer, brokers: &str) -> anyhow::Result<(f64, f64)> {
-    let (_, pool) = fresh_outbox(pg).await?;
+    let url = pg.create_database().await?;
+    let pool = PgPoolOptions::new()
+        .max_connections(8)
+        .connect(&url)
+        .await?;
+    outbox::migrate(&pool, outbox::DEFAULT_SCHEMA).await?;
     outbox::install_notify_trigger(&pool, &SchemaName::default()).await?;
     let samples = Arc::new(Mutex::new(Vec::new()));
     let sink = samples.clone();
@@ -250,6 +448,7 @@ async fn latency(pg: &PgServer, brokers: &str) -> anyhow::Result<(f64, f64)> {
         retention: Retention::Delete,
         fence_scope: "default".into(),
         max_message_bytes: 1_000_000,
+        in_flight_batches: 2,
     };
     let health = Arc::new(Health::default());
     let producer = Producer::new(kafka(brokers.into()), health.clone())?;
@@ -290,34 +489,83 @@ async fn latency(pg: &PgServer, brokers: &str) -> anyhow::Result<(f64, f64)> {
     Ok((pct(0.50), pct(0.99)))
 }
 
+/// Median of 50 `SELECT 1` round trips through `url` (what the condition really added).
+async fn database_rtt_ms(url: &str) -> anyhow::Result<f64> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    let mut t = Vec::new();
+    for _ in 0..50 {
+        let start = Instant::now();
+        sqlx::query("SELECT 1").execute(&mut conn).await?;
+        t.push(start.elapsed().as_secs_f64() * 1000.0);
+    }
+    t.sort_by(|a, b| a.total_cmp(b));
+    Ok(t[t.len() / 2])
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
     let pg = PgServer::start(Durability::Durable)?;
     let mock = test_support::kafka::mock_cluster(1, &[(TOPIC, 12)]);
-    let brokers = mock.bootstrap_servers();
+    let template = seed_template(&pg).await?;
+    let bed = Bed { pg, mock, template };
+    let brokers = bed.mock.bootstrap_servers();
     println!("bench-relay: {EVENTS} events x {PAYLOAD} B over {KEYS} keys, batch {BATCH}; PostgreSQL (fsync on) + librdkafka mock broker, this machine");
-
-    let (pg_eps, cpu_a) = limit_postgres(&pg).await?;
-    println!("  limit (a) PostgreSQL claim+delete, no Kafka : {pg_eps:>9.0} events/s  (machine busy {cpu_a:.2} cores)");
-    let (kafka_eps, cpu_b) = limit_kafka(&brokers).await?;
-    println!("  limit (b) rdkafka produce, no database      : {kafka_eps:>9.0} events/s  (machine busy {cpu_b:.2} cores)");
-    let run = relay_binary(&pg, &brokers).await?;
-    let limit = pg_eps.min(kafka_eps);
-    let ratio = run.eps / limit;
-    println!(
-        "  relay (outbox-relay binary)                 : {:>9.0} events/s  (machine busy {:.2} cores, relay process {:.2})",
-        run.eps, run.machine_cores, run.relay_cores
-    );
-    println!("  ratio relay / min(a, b)                     : {ratio:>9.2}  (targets: ratio >= 0.70, relay >= 50000 events/s)");
-    println!(
-        "  relay peak RSS                              : {:>9.1} MB (target <= 32)",
-        run.rss_mb
-    );
-    let (p50, p99) = latency(&pg, &brokers).await?;
-    println!("  commit->ack at 1000 events/s                : p50 {p50:.1} ms, p99 {p99:.1} ms (target p99 <= 25)");
-    println!(
-        "relay_eps={:.0} limit_eps={limit:.0} ratio={ratio:.2} p99_ms={p99:.1} rss_mb={:.1}",
-        run.eps, run.rss_mb
-    );
+    let mut loopback_best = None;
+    for c in CONDITIONS {
+        bed.mock.broker_round_trip_time(1, c.broker_rtt)?;
+        let pg_addr: std::net::SocketAddr = format!("127.0.0.1:{}", bed.pg.port()).parse()?;
+        let proxy = (!c.database_rtt.is_zero())
+            .then(|| DelayProxy::start(pg_addr, c.database_rtt / 2))
+            .transpose()?;
+        let rtt = match &proxy {
+            Some(p) => {
+                database_rtt_ms(&format!("postgres://postgres@{}/postgres", p.addr())).await?
+            }
+            None => database_rtt_ms(&bed.pg.url("postgres")).await?,
+        };
+        println!(
+            "condition {}: broker round trip +{:?}, database round trip {rtt:.2} ms (SELECT 1, median)",
+            c.name, c.broker_rtt
+        );
+        let a = limit_postgres(&bed, proxy.as_ref()).await?;
+        println!(
+            "  limit (a) PostgreSQL claim+delete, no Kafka : {:>9.0} events/s  (machine busy {:.2} cores; {})",
+            a.eps, a.machine_cores, a.cpu_text(EVENTS as f64)
+        );
+        let b = limit_kafka(&brokers).await?;
+        println!(
+            "  limit (b) rdkafka produce, no database      : {:>9.0} events/s  (machine busy {:.2} cores; {})",
+            b.eps, b.machine_cores, b.cpu_text(EVENTS as f64)
+        );
+        let limit = a.eps.min(b.eps);
+        for depth in DEPTHS {
+            let run = relay_binary(&bed, proxy.as_ref(), depth).await?;
+            let f = run.figures;
+            let ratio = f.eps / limit;
+            println!(
+                "  relay, {depth} in flight                      : {:>9.0} events/s  ratio {ratio:.2}  (machine busy {:.2} cores; {}; peak RSS {:.1} MB)",
+                f.eps, f.machine_cores, f.cpu_text(run.events), run.rss_mb
+            );
+            println!(
+                "condition={} in_flight={depth} relay_eps={:.0} limit_eps={limit:.0} ratio={ratio:.2} \
+                 relay_us_per_event={:.1} postgres_us_per_event={:.1} bench_us_per_event={:.1} rss_mb={:.1}",
+                c.name,
+                f.eps,
+                f.cpu.relay / run.events * 1e6,
+                f.cpu.postgres / run.events * 1e6,
+                f.cpu.bench / run.events * 1e6,
+                run.rss_mb
+            );
+            if c.name == "loopback" && depth == 2 {
+                loopback_best = Some((f.eps, ratio, run.rss_mb));
+            }
+        }
+    }
+    bed.mock.broker_round_trip_time(1, Duration::ZERO)?;
+    let (p50, p99) = latency(&bed.pg, &brokers).await?;
+    println!("  commit->ack at 1000 events/s (2 in flight) : p50 {p50:.1} ms, p99 {p99:.1} ms (target p99 <= 25)");
+    let (eps, ratio, rss) = loopback_best.unwrap_or_default();
+    println!("targets: loopback ratio >= 0.70 and >= 50000 events/s, broker_rtt_5ms ratio >= 0.60, database_rtt_1ms ratio >= 0.50, RSS <= 32 MB");
+    println!("relay_eps={eps:.0} ratio={ratio:.2} p99_ms={p99:.1} rss_mb={rss:.1}");
     Ok(())
 }

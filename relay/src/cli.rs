@@ -128,6 +128,9 @@ struct RunArgs {
     /// Events claimed per transaction.
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=50_000))]
     batch_size: i64,
+    /// Batches claimed and sent before the oldest one settles (1: one at a time).
+    #[arg(long, env = "RELAY_IN_FLIGHT_BATCHES", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=8))]
+    in_flight_batches: u16,
     /// Poll interval when the outbox is drained.
     #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
@@ -396,8 +399,9 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
             idle_in_transaction_timeout(kafka.delivery_timeout).as_millis()
         ),
     )]);
+    // One connection per batch in flight, plus the NOTIFY listener, the monitors and the coordinator.
     let pool = PgPoolOptions::new()
-        .max_connections(4)
+        .max_connections(u32::from(args.in_flight_batches) + 3)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(session_opts.clone());
     if !wait_for_database(&session_opts, &shutdown).await {
@@ -434,6 +438,7 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
         },
         fence_scope: args.fence_scope.clone(),
         max_message_bytes: args.kafka.max_message_bytes,
+        in_flight_batches: args.in_flight_batches.into(),
     };
     let relay = Arc::new(Relay::new(
         cfg,

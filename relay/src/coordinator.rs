@@ -155,7 +155,13 @@ impl Coordinator for SingleLock {
             };
             let epoch = self
                 .store
-                .take_fence(&self.pool, &self.scope, &self.holder, None)
+                .take_fence(
+                    &self.pool,
+                    &self.scope,
+                    &self.holder,
+                    None,
+                    Duration::from_secs(30),
+                )
                 .await?
                 .expect("an increment always takes the fence");
             tracing::info!(

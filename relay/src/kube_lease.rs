@@ -229,8 +229,11 @@ async fn take_fence(
     elector: &mut Elector,
     epoch: i64,
 ) -> anyhow::Result<bool> {
+    // Waits for the row at most a renew deadline: the Lease is renewed between tries, so a paused old
+    // holder's open transaction (which share-locks the row) delays the takeover but cannot lose it.
+    let wait = elector.timings().renew_deadline;
     if store
-        .take_fence(pool, scope, identity, Some(epoch))
+        .take_fence(pool, scope, identity, Some(epoch), wait)
         .await?
         .is_some()
     {
@@ -274,6 +277,14 @@ impl Coordinator for LeaseCoordinator {
                 let waiting = round(client, elector, metrics).await;
                 if let Some(epoch) = elector.may_publish(Instant::now()) {
                     match take_fence(store, pool, scope, &client.identity, elector, epoch).await {
+                        // The fence wait outlasted the renew deadline: renew (or take over again with
+                        // a new epoch) in the next round before publishing.
+                        Ok(true) if elector.may_publish(Instant::now()).is_none() => {
+                            tracing::info!(
+                                epoch,
+                                "took the fence after the renew deadline; renewing first"
+                            );
+                        }
                         Ok(true) => {
                             tracing::info!(epoch, lease = %client.name, "acquired the Lease; publishing");
                             metrics.is_leader.set(1);
@@ -295,7 +306,7 @@ impl Coordinator for LeaseCoordinator {
                         }
                         Ok(false) => {}
                         Err(e) => {
-                            tracing::warn!("cannot write the fence: {e:#}");
+                            tracing::warn!("cannot write the fence (retrying): {e:#}");
                             elector.step_down();
                         }
                     }

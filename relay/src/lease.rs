@@ -157,6 +157,11 @@ impl Elector {
             .map(|(_, renewed)| renewed + self.timings.renew_deadline)
     }
 
+    /// The timings this candidate runs with.
+    pub fn timings(&self) -> Timings {
+        self.timings
+    }
+
     /// This candidate's name.
     pub fn identity(&self) -> &str {
         &self.identity

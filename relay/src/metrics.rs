@@ -55,7 +55,9 @@ pub struct Metrics {
     pub commit_to_ack_seconds: Histogram,
     /// Batches that failed as a whole (database or fencing), by reason.
     pub batch_errors: Family<Reason, Counter>,
-    /// Events acknowledged after an earlier event of their key failed in the same batch.
+    /// Batches claimed and sent whose settle is still to come.
+    pub in_flight_batches: Gauge,
+    /// Events acknowledged after an earlier event of their key failed (in the same or an earlier batch in flight).
     pub order_violations: Counter,
     /// 1 while this relay holds the right to publish.
     pub active: Gauge,
@@ -98,6 +100,7 @@ impl Metrics {
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 14)),
             commit_to_ack_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             batch_errors: Family::default(),
+            in_flight_batches: Gauge::default(),
             order_violations: Counter::default(),
             active: Gauge::default(),
             is_leader: Gauge::default(),
@@ -162,6 +165,11 @@ impl Metrics {
             "batch_errors",
             "Batches that failed as a whole, by reason",
             m.batch_errors.clone(),
+        );
+        registry.register(
+            "in_flight_batches",
+            "Batches claimed and sent whose settle is still to come",
+            m.in_flight_batches.clone(),
         );
         registry.register(
             "order_violations",

@@ -93,6 +93,13 @@ pub fn precheck(ev: &ClaimedEvent, max_message_bytes: usize) -> Option<(DeadReas
     None
 }
 
+/// A record key within its topic: the unit of ordering.
+pub type TopicKey = (String, String);
+
+fn topic_key(ev: &ClaimedEvent) -> TopicKey {
+    (ev.topic.clone(), ev.key.clone())
+}
+
 /// Splits a claimed batch (in id order) into events to send and events settled without sending:
 /// `Failed{permanent}` for prechecked ones, `Withheld` for later events of a key parked in this batch.
 /// Returns one slot per event: `None` means "send it".
@@ -101,16 +108,29 @@ pub fn prepare(
     max_message_bytes: usize,
     poison: PoisonPolicy,
 ) -> Vec<Option<Delivery>> {
-    let mut parked: HashSet<(&str, &str)> = HashSet::new();
+    prepare_after(batch, max_message_bytes, poison, &HashSet::new())
+}
+
+/// [`prepare`] for a batch claimed while earlier batches are still in flight: keys those batches park
+/// (`parked_before`, not yet committed to `outbox.dead`, so the claim could not skip them) are withheld
+/// here too.
+pub fn prepare_after(
+    batch: &[ClaimedEvent],
+    max_message_bytes: usize,
+    poison: PoisonPolicy,
+    parked_before: &HashSet<TopicKey>,
+) -> Vec<Option<Delivery>> {
+    let mut parked: HashSet<TopicKey> = HashSet::new();
     batch
         .iter()
         .map(|ev| {
-            if parked.contains(&(ev.topic.as_str(), ev.key.as_str())) {
+            let key = topic_key(ev);
+            if parked.contains(&key) || parked_before.contains(&key) {
                 return Some(Delivery::Withheld);
             }
             let (reason, error) = precheck(ev, max_message_bytes)?;
             if poison == PoisonPolicy::ParkKey {
-                parked.insert((ev.topic.as_str(), ev.key.as_str()));
+                parked.insert(key);
             }
             Some(Delivery::Failed {
                 error,
@@ -118,6 +138,25 @@ pub fn prepare(
                 permanent: Some(reason),
             })
         })
+        .collect()
+}
+
+/// Keys a prepared batch parks: those of its prechecked failures (under park-key) and of its withheld
+/// events. A batch claimed after it, while it is in flight, must withhold them as well.
+pub fn parked_keys(
+    batch: &[ClaimedEvent],
+    slots: &[Option<Delivery>],
+    poison: PoisonPolicy,
+) -> HashSet<TopicKey> {
+    batch
+        .iter()
+        .zip(slots)
+        .filter(|(_, slot)| match slot {
+            Some(Delivery::Withheld) => true,
+            Some(Delivery::Failed { .. }) => poison == PoisonPolicy::ParkKey,
+            _ => false,
+        })
+        .map(|(ev, _)| topic_key(ev))
         .collect()
 }
 
@@ -171,9 +210,12 @@ pub enum Settle {
 pub struct SettlePlan {
     /// One entry per event that changes state (withheld events stay untouched).
     pub actions: Vec<Settle>,
-    /// Events acknowledged after an earlier event of the same key in this batch failed: their key's
-    /// order is broken. The idempotent producer should make this impossible; it is counted, not hidden.
+    /// Events acknowledged after an earlier event of the same key failed (in this batch or in an earlier
+    /// batch that was in flight with it): their key's order is broken. The idempotent producer should
+    /// make this impossible; it is counted, not hidden.
     pub order_violations: usize,
+    /// Keys with a failed delivery in this batch.
+    pub failed_keys: HashSet<TopicKey>,
 }
 
 /// Decides the settle action of every event from its delivery. `deliveries[i]` belongs to `batch[i]`;
@@ -182,16 +224,28 @@ pub fn settle(
     batch: &[ClaimedEvent],
     deliveries: &[Delivery],
     policy: &RetryPolicy,
+    jitter: impl FnMut() -> f64,
+) -> SettlePlan {
+    settle_after(batch, deliveries, policy, jitter, &HashSet::new())
+}
+
+/// [`settle`] for a batch that was in flight with earlier ones: `failed_before` holds the keys whose
+/// delivery failed in those batches (an acknowledgment of a later event of such a key is an order
+/// violation as well).
+pub fn settle_after(
+    batch: &[ClaimedEvent],
+    deliveries: &[Delivery],
+    policy: &RetryPolicy,
     mut jitter: impl FnMut() -> f64,
+    failed_before: &HashSet<TopicKey>,
 ) -> SettlePlan {
     debug_assert_eq!(batch.len(), deliveries.len());
-    let mut failed_keys: HashSet<(&str, &str)> = HashSet::new();
     let mut plan = SettlePlan::default();
     for (ev, delivery) in batch.iter().zip(deliveries) {
-        let key = (ev.topic.as_str(), ev.key.as_str());
+        let key = topic_key(ev);
         match delivery {
             Delivery::Acked { partition, offset } => {
-                if failed_keys.contains(&key) {
+                if plan.failed_keys.contains(&key) || failed_before.contains(&key) {
                     plan.order_violations += 1;
                 }
                 plan.actions.push(Settle::Delivered {
@@ -204,7 +258,7 @@ pub fn settle(
             Delivery::Failed {
                 error, permanent, ..
             } => {
-                failed_keys.insert(key);
+                plan.failed_keys.insert(key);
                 let attempts = ev.attempts + 1;
                 let dead = permanent
                     .or((attempts >= policy.max_attempts).then_some(DeadReason::MaxAttempts));
@@ -376,5 +430,81 @@ mod tests {
                 ..
             }
         ));
+    }
+
+    fn key(k: &str) -> TopicKey {
+        ("orders".into(), k.into())
+    }
+
+    #[test]
+    fn a_key_parked_by_a_batch_in_flight_is_withheld_from_the_next_batch() {
+        let first = vec![ev(1, "a", 10), ev(2, "b", 2000), ev(3, "b", 10)];
+        let slots = prepare(&first, 1000, PoisonPolicy::ParkKey);
+        let parked = parked_keys(&first, &slots, PoisonPolicy::ParkKey);
+        assert_eq!(parked, HashSet::from([key("b")]));
+
+        let next = vec![
+            ev(4, "b", 10),
+            ev(5, "a", 10),
+            ev(6, "c", 2000),
+            ev(7, "c", 10),
+        ];
+        let slots = prepare_after(&next, 1000, PoisonPolicy::ParkKey, &parked);
+        assert_eq!(
+            slots[0],
+            Some(Delivery::Withheld),
+            "b waits for its dead head"
+        );
+        assert_eq!(slots[1], None, "a goes on");
+        assert!(matches!(slots[2], Some(Delivery::Failed { .. })));
+        assert_eq!(slots[3], Some(Delivery::Withheld));
+        assert_eq!(
+            parked_keys(&next, &slots, PoisonPolicy::ParkKey),
+            HashSet::from([key("b"), key("c")])
+        );
+    }
+
+    #[test]
+    fn under_skip_nothing_is_parked_across_batches() {
+        let first = vec![ev(1, "b", 2000), ev(2, "b", 10)];
+        let slots = prepare(&first, 1000, PoisonPolicy::Skip);
+        assert_eq!(slots[1], None);
+        assert!(parked_keys(&first, &slots, PoisonPolicy::Skip).is_empty());
+    }
+
+    #[test]
+    fn an_ack_after_a_failure_of_its_key_in_an_earlier_batch_is_an_order_violation() {
+        let earlier = vec![ev(1, "a", 1), ev(2, "b", 1)];
+        let failed = Delivery::Failed {
+            error: "timed out".into(),
+            code: "MessageTimedOut".into(),
+            permanent: None,
+        };
+        let acked = Delivery::Acked {
+            partition: 0,
+            offset: 1,
+        };
+        let first = settle(
+            &earlier,
+            &[failed.clone(), acked.clone()],
+            &policy(PoisonPolicy::ParkKey),
+            || 0.0,
+        );
+        assert_eq!(first.failed_keys, HashSet::from([key("a")]));
+        assert_eq!(first.order_violations, 0);
+
+        let later = vec![ev(3, "a", 1), ev(4, "b", 1)];
+        let second = settle_after(
+            &later,
+            &[acked.clone(), acked],
+            &policy(PoisonPolicy::ParkKey),
+            || 0.0,
+            &first.failed_keys,
+        );
+        assert_eq!(
+            second.order_violations, 1,
+            "a's later event overtook its failed head"
+        );
+        assert!(second.failed_keys.is_empty());
     }
 }

@@ -1,5 +1,6 @@
 //! The claim → produce → settle loop, and the monitors that feed health and metrics.
 
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -11,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::coordinator::{Coordinator, Leadership};
 use crate::health::{Health, Role};
 use crate::metrics::{Metrics, Reason};
-use crate::plan::{self, RetryPolicy, Settle};
+use crate::plan::{self, RetryPolicy, Settle, TopicKey};
 use crate::producer::Producer;
 use crate::retention;
 use crate::store::{Retention, Store, StoreError};
@@ -37,6 +38,9 @@ pub struct RelayConfig {
     pub fence_scope: String,
     /// Producer `message.max.bytes`, checked before sending.
     pub max_message_bytes: usize,
+    /// Batches claimed and sent before the oldest one settles (1: one batch at a time). Deeper pipelines
+    /// overlap the database's work with the broker's acknowledgments.
+    pub in_flight_batches: usize,
 }
 
 /// What one batch did.
@@ -68,6 +72,58 @@ struct InFlight {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
     batch: Vec<crate::event::ClaimedEvent>,
     deliveries: tokio::task::JoinHandle<Vec<crate::producer::Outcome>>,
+    /// Keys this batch parks (see [`plan::parked_keys`]).
+    parked: HashSet<TopicKey>,
+}
+
+/// Batches in flight, oldest first, and what later batches must know about the earlier ones.
+///
+/// Ordering across batches: batch N+1 is claimed only after every record of batch N was handed to the one
+/// idempotent producer, so records of a key reach their partition in id order; keys batch N parks are
+/// withheld from N+1 (the `outbox.dead` row that makes the claim skip them is not committed yet); batches
+/// settle oldest first, and a failed settle rolls every batch in flight back. Fencing: each claim
+/// transaction share-locks the fence row until it commits, so no new holder's epoch can land before any
+/// of these commits.
+#[derive(Default)]
+struct Pipeline {
+    batches: VecDeque<InFlight>,
+    /// Keys whose delivery failed in batches settled while later ones were in flight.
+    failed: HashSet<TopicKey>,
+}
+
+impl Pipeline {
+    fn parked(&self) -> HashSet<TopicKey> {
+        self.batches
+            .iter()
+            .flat_map(|b| b.parked.iter().cloned())
+            .collect()
+    }
+
+    /// Rolls back every batch in flight (dropping a transaction rolls it back): their events stay pending
+    /// and are published again; records already sent become duplicates, never losses.
+    fn abort(&mut self) -> usize {
+        let n = self.batches.len();
+        self.batches.clear();
+        self.failed.clear();
+        n
+    }
+}
+
+/// How a step of the publish loop ended when leadership can be lost during it.
+enum Guarded<T> {
+    Done(T),
+    Lost,
+}
+
+async fn unless_lost<T>(
+    lost: &CancellationToken,
+    f: impl std::future::Future<Output = T>,
+) -> Guarded<T> {
+    tokio::select! {
+        biased;
+        _ = lost.cancelled() => Guarded::Lost,
+        r = f => Guarded::Done(r),
+    }
 }
 
 /// Receives every commit→ack latency in seconds (benchmarks need exact samples, not histogram buckets).
@@ -120,6 +176,7 @@ impl Relay {
             self.metrics.active.set(1);
             self.maintain_archive().await;
             self.publish_while(&leadership, &shutdown).await;
+            self.metrics.in_flight_batches.set(0);
             self.metrics.active.set(0);
             self.health
                 .set_role(Role::Standby("leadership released".into()));
@@ -142,46 +199,95 @@ impl Relay {
         }
     }
 
-    /// Publishes batch after batch until shutdown or loss of leadership. One batch at a time: on this
-    /// project's 2-core reference machine, overlapping the next claim with the previous batch's
-    /// acknowledgments measured slower (CPU-bound; see README "Figures"), and it would need extra care
-    /// for keys parked mid-batch.
+    /// Publishes batch after batch until shutdown or loss of leadership, with up to
+    /// [`RelayConfig::in_flight_batches`] batches claimed and sent before the oldest settles. Losing the
+    /// leadership rolls every batch in flight back at once (and frees the fence row the next holder waits
+    /// for); a shutdown settles them first.
     async fn publish_while(&self, leadership: &Leadership, shutdown: &CancellationToken) {
+        let lost = &leadership.lost;
+        let depth = self.cfg.in_flight_batches.max(1);
+        let mut pipeline = Pipeline::default();
         let mut listener = None;
         let mut errors = 0u32;
         let mut last_maintenance = Instant::now();
-        while !shutdown.is_cancelled() && !leadership.lost.is_cancelled() {
-            if self.cfg.notify && listener.is_none() {
+        loop {
+            self.metrics
+                .in_flight_batches
+                .set(pipeline.batches.len() as i64);
+            if lost.is_cancelled() {
+                self.aborted(&mut pipeline, "lost");
+                self.metrics.in_flight_batches.set(0);
+                return;
+            }
+            let stopping = shutdown.is_cancelled();
+            if stopping && pipeline.batches.is_empty() {
+                return;
+            }
+            if self.cfg.notify && listener.is_none() && !stopping {
                 listener = self.listen().await;
             }
-            if last_maintenance.elapsed() > Duration::from_secs(3600) {
+            if pipeline.batches.is_empty() && last_maintenance.elapsed() > Duration::from_secs(3600)
+            {
                 self.maintain_archive().await;
                 last_maintenance = Instant::now();
             }
-            let wait = match self.run_batch(leadership.epoch).await {
-                Ok(r) if r.claimed as i64 >= self.cfg.batch_size => {
-                    errors = 0;
-                    continue; // a full batch: more is likely waiting
+            // Fill the pipeline while claims come back full (more is likely waiting).
+            let mut failure = None;
+            while !stopping && pipeline.batches.len() < depth {
+                let parked = pipeline.parked();
+                match unless_lost(lost, self.claim_and_send(leadership.epoch, &parked)).await {
+                    Guarded::Lost => break,
+                    Guarded::Done(Ok(Some(b))) => {
+                        let full = b.batch.len() as i64 >= self.cfg.batch_size;
+                        pipeline.batches.push_back(b);
+                        self.metrics
+                            .in_flight_batches
+                            .set(pipeline.batches.len() as i64);
+                        if !full {
+                            break;
+                        }
+                    }
+                    Guarded::Done(Ok(None)) => break,
+                    Guarded::Done(Err(e)) => {
+                        failure = Some(e);
+                        break;
+                    }
                 }
-                Ok(_) => {
-                    errors = 0;
-                    self.cfg.poll_interval
+            }
+            if failure.is_none() && !lost.is_cancelled() {
+                if let Some(oldest) = pipeline.batches.pop_front() {
+                    let span = batch_span(&oldest, leadership.epoch);
+                    let settling = self.settle_batch(oldest, &pipeline.failed);
+                    match unless_lost(lost, tracing::Instrument::instrument(settling, span)).await {
+                        Guarded::Lost => {}
+                        Guarded::Done(Ok((_, failed))) => {
+                            errors = 0;
+                            if pipeline.batches.is_empty() {
+                                pipeline.failed.clear();
+                            } else {
+                                pipeline.failed.extend(failed);
+                            }
+                            continue;
+                        }
+                        Guarded::Done(Err(e)) => failure = Some(e),
+                    }
                 }
-                Err(StoreError::Fenced(f)) => {
+            }
+            if lost.is_cancelled() {
+                continue; // aborts at the top of the loop
+            }
+            let wait = match failure {
+                None => self.cfg.poll_interval,
+                Some(StoreError::Fenced(f)) => {
                     tracing::error!("{f}; stopping publishing");
-                    self.metrics
-                        .batch_errors
-                        .get_or_create(&Reason::of("fenced"))
-                        .inc();
-                    leadership.lost.cancel();
+                    self.aborted(&mut pipeline, "fenced");
+                    lost.cancel();
                     return;
                 }
-                Err(StoreError::Db(e)) => {
+                Some(StoreError::Db(e)) => {
+                    // Later batches must not commit past an earlier one that failed.
+                    self.aborted(&mut pipeline, "database");
                     errors += 1;
-                    self.metrics
-                        .batch_errors
-                        .get_or_create(&Reason::of("database"))
-                        .inc();
                     if is_missing_partition(&e) {
                         self.maintain_archive().await;
                     }
@@ -191,9 +297,12 @@ impl Relay {
                     wait
                 }
             };
+            if stopping {
+                return;
+            }
             tokio::select! {
                 _ = shutdown.cancelled() => {}
-                _ = leadership.lost.cancelled() => {}
+                _ = lost.cancelled() => {}
                 _ = tokio::time::sleep(wait) => {}
                 woke = next_notification(&mut listener) => {
                     if !woke {
@@ -201,6 +310,28 @@ impl Relay {
                     }
                 }
             }
+        }
+    }
+
+    /// Rolls the pipeline back; counts the batches dropped for a lost leadership, or the failure.
+    fn aborted(&self, pipeline: &mut Pipeline, reason: &str) {
+        let dropped = pipeline.abort();
+        let count = if reason == "lost" {
+            if dropped > 0 {
+                tracing::warn!(
+                    batches = dropped,
+                    "leadership lost; rolling the batches in flight back"
+                );
+            }
+            dropped as u64
+        } else {
+            1
+        };
+        if count > 0 {
+            self.metrics
+                .batch_errors
+                .get_or_create(&Reason::of(reason))
+                .inc_by(count);
         }
     }
 
@@ -213,27 +344,25 @@ impl Relay {
 
     /// One claim → produce → settle transaction. Public so tests and tools can drive it.
     pub async fn run_batch(&self, epoch: Option<i64>) -> Result<BatchReport, StoreError> {
-        match self.claim_and_send(epoch).await? {
+        match self.claim_and_send(epoch, &HashSet::new()).await? {
             Some(batch) => {
-                // One span per non-empty batch (an empty poll exports nothing), linked to the trace of every
-                // event it carries: a batch serves many traces, so it is their link, not their child.
-                let span = tracing::info_span!("relay.batch", events = batch.batch.len(), epoch);
-                for ev in &batch.batch {
-                    if let Some(sc) = ev.headers["traceparent"]
-                        .as_str()
-                        .and_then(outbox::parse_traceparent)
-                    {
-                        tracing_opentelemetry::OpenTelemetrySpanExt::add_link(&span, sc);
-                    }
-                }
-                tracing::Instrument::instrument(self.settle_batch(batch), span).await
+                let span = batch_span(&batch, epoch);
+                let none_failed = HashSet::new();
+                let settling = self.settle_batch(batch, &none_failed);
+                let (report, _) = tracing::Instrument::instrument(settling, span).await?;
+                Ok(report)
             }
             None => Ok(BatchReport::default()),
         }
     }
 
-    /// Opens the claim transaction (fence check, claim) and enqueues the batch. `None` when nothing is due.
-    async fn claim_and_send(&self, epoch: Option<i64>) -> Result<Option<InFlight>, StoreError> {
+    /// Opens the claim transaction (fence check, claim) and enqueues the batch, withholding events of keys
+    /// parked by batches still in flight. `None` when nothing is due.
+    async fn claim_and_send(
+        &self,
+        epoch: Option<i64>,
+        parked_before: &HashSet<TopicKey>,
+    ) -> Result<Option<InFlight>, StoreError> {
         let mut tx = self.pool.begin().await?;
         if let Some(epoch) = epoch {
             self.store
@@ -246,17 +375,25 @@ impl Relay {
             return Ok(None);
         }
         self.metrics.batch_size.observe(batch.len() as f64);
-        let slots = plan::prepare(&batch, self.cfg.max_message_bytes, self.cfg.retry.poison);
+        let poison = self.cfg.retry.poison;
+        let slots = plan::prepare_after(&batch, self.cfg.max_message_bytes, poison, parked_before);
+        let parked = plan::parked_keys(&batch, &slots, poison);
         let deliveries = self.producer.enqueue_all(&batch, slots).await;
         Ok(Some(InFlight {
             tx,
             batch,
             deliveries,
+            parked,
         }))
     }
 
-    /// Awaits a batch's deliveries, settles every event in its claim transaction and commits.
-    async fn settle_batch(&self, in_flight: InFlight) -> Result<BatchReport, StoreError> {
+    /// Awaits a batch's deliveries, settles every event in its claim transaction and commits. Returns the
+    /// report and the keys whose delivery failed.
+    async fn settle_batch(
+        &self,
+        in_flight: InFlight,
+        failed_before: &HashSet<TopicKey>,
+    ) -> Result<(BatchReport, HashSet<TopicKey>), StoreError> {
         let InFlight {
             mut tx,
             batch,
@@ -265,7 +402,13 @@ impl Relay {
         } = in_flight;
         let outcomes = deliveries.await.expect("delivery collector panicked");
         let deliveries: Vec<_> = outcomes.iter().map(|(d, _)| d.clone()).collect();
-        let settle_plan = plan::settle(&batch, &deliveries, &self.cfg.retry, rand::random::<f64>);
+        let settle_plan = plan::settle_after(
+            &batch,
+            &deliveries,
+            &self.cfg.retry,
+            rand::random::<f64>,
+            failed_before,
+        );
         let mut report = BatchReport {
             claimed: batch.len(),
             ..Default::default()
@@ -335,7 +478,7 @@ impl Relay {
                 .order_violations
                 .inc_by(settle_plan.order_violations as u64);
         }
-        Ok(report)
+        Ok((report, settle_plan.failed_keys))
     }
 
     /// Starts the background monitors: database and broker probes (readiness) and backlog gauges.
@@ -363,6 +506,21 @@ impl Relay {
             }
         });
     }
+}
+
+/// One span per non-empty batch (an empty poll exports nothing), linked to the trace of every event it
+/// carries: a batch serves many traces, so it is their link, not their child.
+fn batch_span(batch: &InFlight, epoch: Option<i64>) -> tracing::Span {
+    let span = tracing::info_span!("relay.batch", events = batch.batch.len(), epoch);
+    for ev in &batch.batch {
+        if let Some(sc) = ev.headers["traceparent"]
+            .as_str()
+            .and_then(outbox::parse_traceparent)
+        {
+            tracing_opentelemetry::OpenTelemetrySpanExt::add_link(&span, sc);
+        }
+    }
+    span
 }
 
 /// Waits for a NOTIFY (draining any others already buffered). `false` when the listener is gone;

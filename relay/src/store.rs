@@ -270,13 +270,15 @@ impl Store {
 
     /// Takes the fence of `scope` for `holder`: with `Some(epoch)` sets it to that epoch (it must be newer
     /// than the stored one), with `None` increments it. Returns the epoch now held, or `None` when the
-    /// stored epoch is already newer (another holder won).
+    /// stored epoch is already newer (another holder won). Waits at most `lock_timeout` for the row: an old
+    /// holder's open claim transaction keeps it share-locked until that transaction ends.
     pub async fn take_fence(
         &self,
         pool: &PgPool,
         scope: &str,
         holder: &str,
         epoch: Option<i64>,
+        lock_timeout: Duration,
     ) -> Result<Option<i64>, sqlx::Error> {
         let fence = self.schema.table("fence");
         let sql = format!(
@@ -284,11 +286,13 @@ impl Store {
              ON CONFLICT (scope) DO UPDATE SET epoch = COALESCE($3, f.epoch + 1), holder = $2, updated_at = now() \
              WHERE $3 IS NULL OR f.epoch < $3 RETURNING epoch"
         );
-        // Bounded wait: a paused old holder's open claim transaction keeps the row share-locked.
         let mut tx = pool.begin().await?;
-        sqlx::query("SET LOCAL lock_timeout = '30s'")
-            .execute(&mut *tx)
-            .await?;
+        sqlx::query(&format!(
+            "SET LOCAL lock_timeout = '{}ms'",
+            lock_timeout.as_millis().max(1)
+        ))
+        .execute(&mut *tx)
+        .await?;
         let got: Option<i64> = sqlx::query_scalar(&sql)
             .bind(scope)
             .bind(holder)

@@ -371,3 +371,98 @@ async fn retriable_failures_back_off_then_dead_letter_at_max_attempts() {
     let ledger = check_order(&read(&mock.bootstrap_servers(), TOPIC));
     assert_eq!(ledger.distinct, 6);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_parked_by_a_batch_in_flight_is_withheld_from_the_batches_claimed_behind_it() {
+    let db = migrated_db().await;
+    let mock = mock_cluster(1, &[(TOPIC, 3), ("orders.dlq", 1)]);
+    // Acknowledgments take 300 ms, so the loop claims and sends the next batches while the first awaits.
+    mock.broker_round_trip_time(1, std::time::Duration::from_millis(300))
+        .unwrap();
+    // Batches of two: [a:0, b:0 OVERSIZED] [b:1, a:1] [b:2, c:0] [a:2, c:1].
+    let rows = [
+        ("key-a", 10usize, 0),
+        ("key-b", 20_000, 0),
+        ("key-b", 10, 1),
+        ("key-a", 10, 1),
+        ("key-b", 10, 2),
+        ("key-c", 10, 0),
+        ("key-a", 10, 2),
+        ("key-c", 10, 1),
+    ];
+    for (key, size, seq) in rows {
+        let payload = format!("{}{key}:{seq}", " ".repeat(size));
+        sqlx::query("INSERT INTO outbox.events (event_id, topic, key, payload) VALUES (gen_random_uuid(), $1, $2, $3)")
+            .bind(TOPIC)
+            .bind(key)
+            .bind(payload.into_bytes())
+            .execute(&db.pool)
+            .await
+            .unwrap();
+    }
+    let mut cfg = small_limit(PoisonPolicy::ParkKey);
+    cfg.batch_size = 2;
+    cfg.in_flight_batches = 4;
+    cfg.notify = false;
+    let r = in_process(&db.pool, cfg, kafka(mock.bootstrap_servers()));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let runner = {
+        let (relay, shutdown) = (r.relay.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            relay
+                .run(&mut relay::coordinator::Competing, shutdown)
+                .await
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let mut deepest = 0.0f64;
+    loop {
+        deepest = deepest.max(metric(
+            &r.metrics.render(),
+            "outbox_relay_in_flight_batches",
+        ));
+        let left: Vec<String> = sqlx::query_scalar("SELECT key FROM outbox.events ORDER BY id")
+            .fetch_all(&db.pool)
+            .await
+            .unwrap();
+        if left == ["key-b", "key-b"] {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "all but key-b's events settle; left {left:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    shutdown.cancel();
+    runner.await.unwrap().unwrap();
+    assert!(
+        deepest >= 2.0,
+        "batches were in flight together (deepest {deepest})"
+    );
+
+    let delivered = read(&mock.bootstrap_servers(), TOPIC);
+    let keys = |k: &str| -> Vec<String> {
+        delivered
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(k))
+            .map(|r| String::from_utf8_lossy(&r.payload).trim().to_owned())
+            .collect()
+    };
+    assert!(
+        keys("key-b").is_empty(),
+        "nothing of key-b passed its dead head: {:?}",
+        keys("key-b")
+    );
+    assert_eq!(keys("key-a"), ["key-a:0", "key-a:1", "key-a:2"]);
+    assert_eq!(keys("key-c"), ["key-c:0", "key-c:1"]);
+    let parked: Vec<(String, bool)> = sqlx::query_as("SELECT key, parked FROM outbox.dead")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(parked, [("key-b".to_owned(), true)]);
+    assert_eq!(
+        metric(&r.metrics.render(), "outbox_relay_order_violations_total"),
+        0.0
+    );
+}

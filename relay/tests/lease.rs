@@ -99,7 +99,7 @@ async fn a_coordinator_takes_the_epoch_above_a_fence_that_is_ahead_and_a_standby
     let store = relay::store::Store::new(outbox::SchemaName::default());
     // A fence left at epoch 7 (e.g. by single mode before): the Lease epoch must go above it.
     store
-        .take_fence(&db.pool, "default", "old", Some(7))
+        .take_fence(&db.pool, "default", "old", Some(7), Duration::from_secs(5))
         .await
         .unwrap();
     let (client, ns) = real_client("lease-fence").await;

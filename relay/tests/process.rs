@@ -14,7 +14,7 @@ async fn published(port: u16) -> Option<f64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_mid_stream_loses_nothing_and_duplicates_stay_within_one_batch() {
+async fn sigkill_mid_stream_loses_nothing_and_duplicates_stay_within_the_batches_in_flight() {
     let db = migrated_db().await;
     let mock = mock_cluster(3, &[(TOPIC, 6)]);
     insert_events(&db.pool, 100, 10_000, 0).await;
@@ -53,9 +53,11 @@ async fn sigkill_mid_stream_loses_nothing_and_duplicates_stay_within_one_batch()
         ledger.records, ledger.distinct, ledger.duplicates
     );
     assert_eq!(ledger.distinct, 10_000, "nothing lost");
+    // The default pipeline keeps two batches in flight: both may be published again.
+    let in_flight = 2;
     assert!(
-        ledger.duplicates <= batch,
-        "duplicates ({}) come only from the unsettled batch",
+        ledger.duplicates <= batch * in_flight,
+        "duplicates ({}) come only from the unsettled batches",
         ledger.duplicates
     );
 }

@@ -35,6 +35,7 @@ pub fn config() -> RelayConfig {
         retention: Retention::Delete,
         fence_scope: "default".into(),
         max_message_bytes: 1_000_000,
+        in_flight_batches: 2,
     }
 }
 
