@@ -9,19 +9,27 @@ use relay::store::Retention;
 use relay::tools::{self, DeadSelector, ReplayFilter};
 use test_support::kafka::mock_cluster;
 
-/// key-a: small, OVERSIZED, small, small; key-b: three small. Inserted raw, as a writer with a larger
-/// limit (or plain SQL) could.
+/// key-a: small, OVERSIZED, small, small; key-b: three small.
 async fn insert_with_poison(pool: &sqlx::PgPool) {
-    let rows = [
-        ("key-a", 10usize, 0),
-        ("key-b", 10, 0),
-        ("key-a", 20_000, 1),
-        ("key-b", 10, 1),
-        ("key-a", 10, 2),
-        ("key-a", 10, 3),
-        ("key-b", 10, 2),
-    ];
-    for (key, size, seq) in rows {
+    insert_raw(
+        pool,
+        &[
+            ("key-a", 10, 0),
+            ("key-b", 10, 0),
+            ("key-a", 20_000, 1),
+            ("key-b", 10, 1),
+            ("key-a", 10, 2),
+            ("key-a", 10, 3),
+            ("key-b", 10, 2),
+        ],
+    )
+    .await;
+}
+
+/// Inserts (key, padding, seq) rows with payload `<padding spaces>key:seq`, raw, as a writer with a larger
+/// limit (or plain SQL) could.
+async fn insert_raw(pool: &sqlx::PgPool, rows: &[(&str, usize, u32)]) {
+    for &(key, size, seq) in rows {
         let payload = format!("{}{key}:{seq}", " ".repeat(size));
         sqlx::query("INSERT INTO outbox.events (event_id, topic, key, payload) VALUES (gen_random_uuid(), $1, $2, $3)")
             .bind(TOPIC)
@@ -380,26 +388,20 @@ async fn a_key_parked_by_a_batch_in_flight_is_withheld_from_the_batches_claimed_
     mock.broker_round_trip_time(1, std::time::Duration::from_millis(300))
         .unwrap();
     // Batches of two: [a:0, b:0 OVERSIZED] [b:1, a:1] [b:2, c:0] [a:2, c:1].
-    let rows = [
-        ("key-a", 10usize, 0),
-        ("key-b", 20_000, 0),
-        ("key-b", 10, 1),
-        ("key-a", 10, 1),
-        ("key-b", 10, 2),
-        ("key-c", 10, 0),
-        ("key-a", 10, 2),
-        ("key-c", 10, 1),
-    ];
-    for (key, size, seq) in rows {
-        let payload = format!("{}{key}:{seq}", " ".repeat(size));
-        sqlx::query("INSERT INTO outbox.events (event_id, topic, key, payload) VALUES (gen_random_uuid(), $1, $2, $3)")
-            .bind(TOPIC)
-            .bind(key)
-            .bind(payload.into_bytes())
-            .execute(&db.pool)
-            .await
-            .unwrap();
-    }
+    insert_raw(
+        &db.pool,
+        &[
+            ("key-a", 10, 0),
+            ("key-b", 20_000, 0),
+            ("key-b", 10, 1),
+            ("key-a", 10, 1),
+            ("key-b", 10, 2),
+            ("key-c", 10, 0),
+            ("key-a", 10, 2),
+            ("key-c", 10, 1),
+        ],
+    )
+    .await;
     let mut cfg = small_limit(PoisonPolicy::ParkKey);
     cfg.batch_size = 2;
     cfg.in_flight_batches = 4;
