@@ -66,6 +66,10 @@ pub struct ConsumerArgs {
     /// Group session timeout: how soon a dead member's partitions move to the others.
     #[arg(long, env = "CONSUMER_SESSION_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
     pub session_timeout: Duration,
+    /// Replace the Kafka client when its group membership stays unsettled this long while a broker
+    /// answers (a coordinator that never re-admits the member).
+    #[arg(long, env = "CONSUMER_REJOIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub rejoin_timeout: Duration,
     /// Schema of the inbox table.
     #[arg(long, env = "CONSUMER_INBOX_SCHEMA", default_value = crate::inbox::DEFAULT_SCHEMA)]
     pub inbox_schema: String,
@@ -123,6 +127,14 @@ impl ConsumerArgs {
                 "must not exceed --backoff-max",
             ));
         }
+        if self.rejoin_timeout <= self.session_timeout {
+            // Rejoining after a session timeout legitimately takes about one session timeout.
+            return Err(config_error(
+                "--rejoin-timeout",
+                "CONSUMER_REJOIN_TIMEOUT",
+                "must be longer than --session-timeout",
+            ));
+        }
         let inbox_schema = SchemaName::new(&self.inbox_schema)
             .map_err(|e| config_error("--inbox-schema", "CONSUMER_INBOX_SCHEMA", e.reason))?;
         let instance_id = self.instance_id.clone().unwrap_or_else(|| {
@@ -141,6 +153,7 @@ impl ConsumerArgs {
                 backoff_max: self.backoff_max,
             },
             session_timeout: self.session_timeout,
+            rejoin_timeout: self.rejoin_timeout,
             instance_id,
             batch_size: self.batch_size as usize,
             concurrency: self.concurrency as usize,

@@ -12,6 +12,7 @@ pub mod decide;
 pub mod demo;
 pub mod health;
 pub mod inbox;
+pub mod membership;
 pub mod message;
 pub mod metrics;
 mod runtime;

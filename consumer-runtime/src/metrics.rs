@@ -43,6 +43,8 @@ pub struct Metrics {
     pub lag: Family<TopicPartition, Gauge>,
     /// Partitions owned by this member.
     pub assigned_partitions: Gauge,
+    /// Kafka clients replaced because the group membership stalled (see [`crate::membership`]).
+    pub client_restarts: Counter,
     lag_series: Mutex<HashSet<TopicPartition>>,
 }
 
@@ -61,6 +63,7 @@ impl Default for Metrics {
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 12)),
             lag: Family::default(),
             assigned_partitions: Gauge::default(),
+            client_restarts: Counter::default(),
             lag_series: Mutex::default(),
         };
         registry.register(
@@ -108,6 +111,11 @@ impl Default for Metrics {
             "assigned_partitions",
             "Partitions owned by this member",
             m.assigned_partitions.clone(),
+        );
+        registry.register(
+            "client_restarts",
+            "Kafka clients replaced because the group membership stalled while the broker answered",
+            m.client_restarts.clone(),
         );
         Self { registry, ..m }
     }

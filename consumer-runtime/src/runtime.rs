@@ -7,7 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use crate::decide::{self, HandlerError, Next, RetryPolicy};
 use crate::health::Health;
 use crate::inbox::Inbox;
+use crate::membership::{GroupState, MembershipWatch, PartitionProgress};
 use crate::message::{decode, Message};
 use crate::metrics::{Metrics, TopicPartition};
 
@@ -67,6 +68,9 @@ pub struct RuntimeConfig {
     pub concurrency: usize,
     /// Inbox rows older than this are deleted in bounded batches; `None` keeps them.
     pub inbox_retention: Option<Duration>,
+    /// A group membership unsettled this long while a broker answers gets a new Kafka client (see
+    /// [`crate::membership`]).
+    pub rejoin_timeout: Duration,
 }
 
 impl RuntimeConfig {
@@ -93,21 +97,35 @@ impl RuntimeConfig {
             batch_size: 500,
             concurrency: 4,
             inbox_retention: None,
+            rejoin_timeout: Duration::from_secs(60),
         }
     }
 }
 
-/// librdkafka callbacks: commit before partitions move; readiness and lag from statistics.
+/// librdkafka callbacks: commit before partitions move; readiness, lag and the group membership's
+/// progress from statistics.
 struct Callbacks {
     group: String,
     health: Arc<Health>,
     metrics: Arc<Metrics>,
+    membership: Mutex<MembershipWatch>,
 }
 
 impl ClientContext for Callbacks {
     fn stats(&self, s: Statistics) {
         let up = s.brokers.values().any(|b| b.nodeid >= 0 && b.state == "UP");
         self.health.set_broker(up);
+        if let Some(g) = &s.cgrp {
+            let state = GroupState {
+                state: g.state.clone(),
+                join_state: g.join_state.clone(),
+                assignment_size: g.assignment_size,
+            };
+            self.membership
+                .lock()
+                .expect("membership watch")
+                .observe(Instant::now(), state, up);
+        }
         let lag = s.topics.iter().flat_map(|(topic, t)| {
             t.partitions
                 .iter()
@@ -162,8 +180,18 @@ type KafkaConsumer = StreamConsumer<Callbacks>;
 /// A (topic, partition).
 type Slot = (String, i32);
 
+/// The group's progress on every partition of its topics (see [`crate::membership::group_stuck`]).
+type Progress = std::collections::BTreeMap<Slot, PartitionProgress>;
+
 /// Called with the time from an event's handler start to its commit (benchmarks).
 pub type CommitObserver = Arc<dyn Fn(Duration) + Send + Sync>;
+
+/// Why a Kafka client's consume loop ended.
+enum Ended {
+    Shutdown,
+    /// The group membership stalled: replace the client.
+    Stalled,
+}
 
 /// How one attempt at a single event ended.
 enum Attempt {
@@ -194,6 +222,8 @@ pub struct Runtime<H: Handler> {
     health: Arc<Health>,
     dlq: FutureProducer,
     observer: Option<CommitObserver>,
+    /// The group's progress when this member last sampled it without partitions.
+    last_progress: Mutex<Option<Progress>>,
 }
 
 impl<H: Handler> Runtime<H> {
@@ -250,6 +280,7 @@ impl<H: Handler> Runtime<H> {
             health: Arc::default(),
             dlq,
             observer: None,
+            last_progress: Mutex::new(None),
         })
     }
 
@@ -288,15 +319,13 @@ impl<H: Handler> Runtime<H> {
             group: self.cfg.group_id.clone(),
             health: self.health.clone(),
             metrics: self.metrics.clone(),
+            membership: Mutex::new(MembershipWatch::new(self.cfg.rejoin_timeout)),
         })
     }
 
-    /// Consumes until `shutdown`, then commits what is done and leaves the group.
+    /// Consumes until `shutdown`, then commits what is done and leaves the group. A client whose group
+    /// membership stalls is replaced by a new one (see [`crate::membership`]).
     pub async fn run(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        let consumer = self.consumer()?;
-        let topics: Vec<&str> = self.cfg.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
-        tracing::info!(group = %self.cfg.group_id, instance = %self.cfg.instance_id, ?topics, "consuming");
         let monitors = shutdown.child_token();
         let health = self.health.clone();
         tokio::spawn(outbox::service::watch_database(
@@ -313,13 +342,49 @@ impl<H: Handler> Runtime<H> {
                 monitors.clone(),
             ));
         }
+        let result = async {
+            loop {
+                let consumer = self.consumer()?;
+                let topics: Vec<&str> = self.cfg.topics.iter().map(String::as_str).collect();
+                consumer.subscribe(&topics)?;
+                tracing::info!(group = %self.cfg.group_id, instance = %self.cfg.instance_id, ?topics, "consuming");
+                let ended = self.consume(&consumer, &shutdown).await;
+                match ended {
+                    Ended::Shutdown => {
+                        commit_stored(&consumer);
+                        return Ok(());
+                    }
+                    Ended::Stalled => {
+                        self.metrics.client_restarts.inc();
+                        self.metrics.assigned_partitions.set(0);
+                        // Closing a client stuck in a group can block on its coordinator: not on the
+                        // runtime's threads.
+                        let closing = tokio::task::spawn_blocking(move || drop(consumer));
+                        let _ = closing.await;
+                    }
+                }
+            }
+        }
+        .await;
+        monitors.cancel();
+        result
+    }
+
+    /// The consume loop of one Kafka client, until shutdown or a stalled membership.
+    async fn consume(&self, consumer: &KafkaConsumer, shutdown: &CancellationToken) -> Ended {
         let mut retry: RetryState = HashMap::new();
         let mut resumes: Vec<(Instant, Slot)> = Vec::new();
         let max_batch = self.cfg.batch_size.max(1);
+        let mut membership_check = tokio::time::interval(Duration::from_secs(1));
         loop {
             let next_resume = resumes.iter().map(|r| r.0).min();
             tokio::select! {
-                _ = shutdown.cancelled() => break,
+                _ = shutdown.cancelled() => return Ended::Shutdown,
+                _ = membership_check.tick() => {
+                    if self.membership_stalled(consumer) {
+                        return Ended::Stalled;
+                    }
+                }
                 _ = sleep_until(next_resume) => {
                     let now = Instant::now();
                     for (_, (topic, partition)) in resumes.iter().filter(|r| r.0 <= now) {
@@ -350,15 +415,89 @@ impl<H: Handler> Runtime<H> {
                         }
                     }
                     let now = Instant::now();
-                    for (slot, r) in self.process_batch(&consumer, batch, &mut retry).await {
+                    for (slot, r) in self.process_batch(consumer, batch, &mut retry).await {
                         resumes.push((now + r.delay, slot));
                     }
                 }
             }
         }
-        monitors.cancel();
-        commit_stored(&consumer);
-        Ok(())
+    }
+
+    /// Whether the client's group membership is stuck: unsettled past the rejoin timeout, or settled
+    /// without partitions past it although the group's size says this member should own some.
+    fn membership_stalled(&self, consumer: &KafkaConsumer) -> bool {
+        let now = Instant::now();
+        let (stalled, empty) = {
+            let watch = consumer
+                .context()
+                .membership
+                .lock()
+                .expect("membership watch");
+            (watch.stalled(now), watch.empty_too_long(now))
+        };
+        if let Some((unsettled, last)) = stalled {
+            tracing::warn!(
+                group = %self.cfg.group_id,
+                state = %last.state,
+                join_state = %last.join_state,
+                "group membership unsettled for {unsettled:?} while the broker answers; recreating the Kafka client"
+            );
+            return true;
+        }
+        let Some(empty) = empty else { return false };
+        // Blocking broker calls on the loop: only reached once per rejoin timeout without partitions,
+        // when this member has nothing to process anyway.
+        let sample = self.group_progress(consumer);
+        consumer
+            .context()
+            .membership
+            .lock()
+            .expect("membership watch")
+            .empty_is_legitimate(now);
+        let before = std::mem::replace(
+            &mut *self.last_progress.lock().expect("progress"),
+            sample.clone(),
+        );
+        match (before, sample) {
+            (Some(before), Some(after)) if crate::membership::group_stuck(&before, &after) => {
+                tracing::warn!(
+                    group = %self.cfg.group_id,
+                    "no partitions for {empty:?} and no offset of the group committed while records wait; recreating the Kafka client"
+                );
+                *self.last_progress.lock().expect("progress") = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The group's committed offset and the watermarks of every partition of the subscribed topics;
+    /// `None` when the broker does not answer in time.
+    fn group_progress(&self, consumer: &KafkaConsumer) -> Option<Progress> {
+        let timeout = Duration::from_secs(2);
+        let mut tpl = TopicPartitionList::new();
+        for topic in &self.cfg.topics {
+            let md = consumer.fetch_metadata(Some(topic), timeout).ok()?;
+            for p in md.topics().first()?.partitions() {
+                tpl.add_partition(topic, p.id());
+            }
+        }
+        let committed = consumer.committed_offsets(tpl, timeout).ok()?;
+        committed
+            .elements()
+            .iter()
+            .map(|e| {
+                let (low, high) = consumer
+                    .fetch_watermarks(e.topic(), e.partition(), timeout)
+                    .ok()?;
+                let at = PartitionProgress {
+                    committed: e.offset().to_raw().filter(|o| *o >= 0),
+                    low,
+                    high,
+                };
+                Some(((e.topic().to_owned(), e.partition()), at))
+            })
+            .collect()
     }
 
     /// Splits a batch into runs per partition and processes the runs concurrently. Returns the

@@ -46,6 +46,19 @@ fn bad_settings_exit_2_with_one_line() {
             ],
             "demo-consumer: invalid --topics (CONSUMER_TOPICS):",
         ),
+        (
+            vec![
+                "--role",
+                "pharmacy",
+                "--database-url",
+                url,
+                "--session-timeout",
+                "30s",
+                "--rejoin-timeout",
+                "20s",
+            ],
+            "demo-consumer: invalid --rejoin-timeout (CONSUMER_REJOIN_TIMEOUT): must be longer than --session-timeout",
+        ),
     ] {
         let (code, stderr) = run(&args);
         assert_eq!(code, Some(2), "{args:?}: {stderr}");

@@ -105,6 +105,7 @@ fn config(brokers: String, group: &str) -> RuntimeConfig {
         batch_size: 100,
         concurrency: 2,
         inbox_retention: None,
+        rejoin_timeout: Duration::from_secs(60),
     }
 }
 
@@ -404,5 +405,52 @@ async fn records_of_a_partition_share_a_transaction_and_a_failure_inside_keeps_t
     assert!(
         transactions < 150.0,
         "{transactions} transactions for 300 records"
+    );
+}
+
+/// A coordinator that keeps refusing JoinGroup (here: `COORDINATOR_LOAD_IN_PROGRESS`, retriable, so
+/// librdkafka keeps trying with the same client) leaves the member without partitions while the broker
+/// answers; past the rejoin timeout the runtime replaces its client, and a settled member is left alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_the_coordinator_never_admits_gets_a_new_kafka_client() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let pool = setup().await;
+    let mock = mock_cluster(1, &[(TOPIC, 2)]);
+    mock.request_errors(
+        RDKafkaApiKey::JoinGroup,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_COORDINATOR_LOAD_IN_PROGRESS; 10_000],
+    );
+    let mut cfg = config(mock.bootstrap_servers(), "pharmacy");
+    cfg.rejoin_timeout = Duration::from_secs(4);
+    let (metrics, stop, task) = start(&pool, cfg);
+    wait_for(
+        "the stalled client replaced",
+        Duration::from_secs(30),
+        || async { (metrics.client_restarts.get() >= 1).then_some(()) },
+    )
+    .await;
+    assert_eq!(metrics.assigned_partitions.get(), 0, "never admitted");
+    assert_eq!(metrics.processed.get(), 0);
+
+    mock.clear_request_errors(RDKafkaApiKey::JoinGroup);
+    let id = Uuid::now_v7();
+    produce(&mock.bootstrap_servers(), &[(Some(id), "k", "ok")]).await;
+    wait_for(
+        "the new client consumes",
+        Duration::from_secs(30),
+        || async { (metrics.processed.get() == 1).then_some(()) },
+    )
+    .await;
+    let restarts = metrics.client_restarts.get();
+    // Longer than the rejoin timeout: a member that settled (here with partitions) is not replaced.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    assert_eq!(metrics.client_restarts.get(), restarts);
+    assert_eq!(metrics.assigned_partitions.get(), 2);
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM effects").await,
+        1,
+        "one effect"
     );
 }

@@ -329,6 +329,9 @@ impl Stack {
             &name,
             "--session-timeout",
             self.opts.session_timeout,
+            // A quarter of the default: the soak's runs are short, its restarts many.
+            "--rejoin-timeout",
+            "15s",
             "--backoff-base",
             "100ms",
             "--max-attempts",
