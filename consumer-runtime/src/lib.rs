@@ -8,6 +8,7 @@
 //! `dlq.*` headers before the offset moves.
 
 pub mod cli;
+pub mod continuity;
 pub mod decide;
 pub mod demo;
 pub mod health;

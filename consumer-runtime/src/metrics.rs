@@ -45,6 +45,8 @@ pub struct Metrics {
     pub assigned_partitions: Gauge,
     /// Kafka clients replaced because the group membership stalled (see [`crate::membership`]).
     pub client_restarts: Counter,
+    /// Fetches that skipped offsets (see [`crate::continuity`]).
+    pub offset_gaps: Counter,
     lag_series: Mutex<HashSet<TopicPartition>>,
 }
 
@@ -64,6 +66,7 @@ impl Default for Metrics {
             lag: Family::default(),
             assigned_partitions: Gauge::default(),
             client_restarts: Counter::default(),
+            offset_gaps: Counter::default(),
             lag_series: Mutex::default(),
         };
         registry.register(
@@ -116,6 +119,11 @@ impl Default for Metrics {
             "client_restarts",
             "Kafka clients replaced because the group membership stalled while the broker answered",
             m.client_restarts.clone(),
+        );
+        registry.register(
+            "offset_gaps",
+            "Fetches that skipped offsets of a partition (fetched once more; accepted when seen again)",
+            m.offset_gaps.clone(),
         );
         Self { registry, ..m }
     }

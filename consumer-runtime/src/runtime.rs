@@ -109,6 +109,8 @@ struct Callbacks {
     health: Arc<Health>,
     metrics: Arc<Metrics>,
     membership: Mutex<MembershipWatch>,
+    /// Rebalances seen (the loop forgets its expected offsets when this moves).
+    rebalances: std::sync::atomic::AtomicU64,
 }
 
 impl ClientContext for Callbacks {
@@ -153,18 +155,24 @@ impl ClientContext for Callbacks {
 
 impl ConsumerContext for Callbacks {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.rebalances
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         match rebalance {
             Rebalance::Revoke(tpl) => {
                 tracing::info!(group = %self.group, partitions = tpl.count(), "partitions revoked; committing processed offsets");
                 commit_stored(consumer);
-                self.metrics.assigned_partitions.set(0);
             }
             Rebalance::Assign(tpl) => {
                 tracing::info!(group = %self.group, partitions = tpl.count(), "partitions assigned");
-                self.metrics.assigned_partitions.set(tpl.count() as i64);
             }
             Rebalance::Error(e) => tracing::warn!(group = %self.group, "rebalance error: {e}"),
         }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, _: &Rebalance<'_>) {
+        // With the cooperative protocol a rebalance assigns or revokes only the partitions that move.
+        let owned = consumer.assignment().map(|a| a.count()).unwrap_or(0);
+        self.metrics.assigned_partitions.set(owned as i64);
     }
 }
 
@@ -211,6 +219,15 @@ struct Rewind {
 
 /// Per-partition retry state: the offset being retried and the attempts made.
 type RetryState = HashMap<Slot, (i64, u32)>;
+
+/// Per-partition continuity (see [`crate::continuity`]): the offset after the last one processed, and the
+/// expected offset a gap was last fetched again for.
+#[derive(Default)]
+struct Positions {
+    expected: HashMap<Slot, i64>,
+    refetched: HashMap<Slot, i64>,
+    rebalances: u64,
+}
 
 /// A consumer group member: one Kafka consumer, one database pool, one handler.
 pub struct Runtime<H: Handler> {
@@ -306,6 +323,9 @@ impl<H: Handler> Runtime<H> {
             .set("auto.commit.interval.ms", "1000")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // Incremental rebalancing: partitions that stay with a member keep flowing while others
+            // move (scaling a group, a member restarting). Every member of a group must use the same.
+            .set("partition.assignment.strategy", "cooperative-sticky")
             // Statistics feed broker readiness and the per-partition lag gauges.
             .set("statistics.interval.ms", "2000")
             .set(
@@ -320,6 +340,7 @@ impl<H: Handler> Runtime<H> {
             health: self.health.clone(),
             metrics: self.metrics.clone(),
             membership: Mutex::new(MembershipWatch::new(self.cfg.rejoin_timeout)),
+            rebalances: Default::default(),
         })
     }
 
@@ -373,6 +394,7 @@ impl<H: Handler> Runtime<H> {
     /// The consume loop of one Kafka client, until shutdown or a stalled membership.
     async fn consume(&self, consumer: &KafkaConsumer, shutdown: &CancellationToken) -> Ended {
         let mut retry: RetryState = HashMap::new();
+        let mut positions = Positions::default();
         let mut resumes: Vec<(Instant, Slot)> = Vec::new();
         let max_batch = self.cfg.batch_size.max(1);
         let mut membership_check = tokio::time::interval(Duration::from_secs(1));
@@ -414,8 +436,19 @@ impl<H: Handler> Runtime<H> {
                             None => break,
                         }
                     }
+                    let rebalances = consumer
+                        .context()
+                        .rebalances
+                        .load(std::sync::atomic::Ordering::SeqCst);
+                    if rebalances != positions.rebalances {
+                        // Partitions moved: another member may have processed in between.
+                        positions = Positions {
+                            rebalances,
+                            ..Positions::default()
+                        };
+                    }
                     let now = Instant::now();
-                    for (slot, r) in self.process_batch(consumer, batch, &mut retry).await {
+                    for (slot, r) in self.process_batch(consumer, batch, &mut retry, &mut positions).await {
                         resumes.push((now + r.delay, slot));
                     }
                 }
@@ -507,6 +540,7 @@ impl<H: Handler> Runtime<H> {
         consumer: &KafkaConsumer,
         batch: Vec<BorrowedMessage<'_>>,
         retry: &mut RetryState,
+        positions: &mut Positions,
     ) -> Vec<(Slot, Rewind)> {
         let mut runs: Vec<(Slot, Vec<BorrowedMessage<'_>>)> = Vec::new();
         for m in batch {
@@ -516,22 +550,69 @@ impl<H: Handler> Runtime<H> {
                 None => runs.push((slot, vec![m])),
             }
         }
+        // A run cut short at a gap ends with fetching again from the expected offset.
+        let mut refetch: HashMap<Slot, i64> = HashMap::new();
+        for (slot, run) in runs.iter_mut() {
+            let offsets: Vec<i64> = run.iter().map(|m| m.offset()).collect();
+            let continuity =
+                crate::continuity::check(positions.expected.get(slot).copied(), &offsets);
+            if let crate::continuity::Continuity::GapAt {
+                index,
+                expected,
+                found,
+            } = continuity
+            {
+                self.metrics.offset_gaps.inc();
+                let (topic, partition) = (&slot.0, slot.1);
+                if positions.refetched.get(slot) == Some(&expected) {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        expected,
+                        found,
+                        "offsets missing again after fetching them once more; accepting the gap"
+                    );
+                } else {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        expected,
+                        found,
+                        "the broker skipped offsets; fetching again from the expected one"
+                    );
+                    positions.refetched.insert(slot.clone(), expected);
+                    run.truncate(index);
+                    refetch.insert(slot.clone(), expected);
+                }
+            }
+        }
         let jobs: Vec<_> = runs
             .into_iter()
             .map(|(slot, run)| {
                 let prior = retry.get(&slot).copied();
+                let refetch_from = refetch.get(&slot).copied();
                 async move {
-                    let rewind = self.process_run(consumer, &slot, &run, prior).await;
-                    (slot, rewind)
+                    let mut rewind = self.process_run(consumer, &slot, &run, prior).await;
+                    if let (None, Some(from)) = (&rewind, refetch_from) {
+                        rewind = Some(self.rewind(consumer, &slot, from, Duration::ZERO, None));
+                    }
+                    let next = match &rewind {
+                        Some(r) => Some(r.offset),
+                        None => run.last().map(|m| m.offset() + 1),
+                    };
+                    (slot, rewind, next)
                 }
             })
             .collect();
-        let outcomes: Vec<(Slot, Option<Rewind>)> = futures::stream::iter(jobs)
+        let outcomes: Vec<(Slot, Option<Rewind>, Option<i64>)> = futures::stream::iter(jobs)
             .buffer_unordered(self.cfg.concurrency.max(1))
             .collect()
             .await;
         let mut rewound = Vec::new();
-        for (slot, rewind) in outcomes {
+        for (slot, rewind, next) in outcomes {
+            if let Some(next) = next {
+                positions.expected.insert(slot.clone(), next);
+            }
             match rewind {
                 None => {
                     retry.remove(&slot);

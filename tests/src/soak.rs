@@ -90,6 +90,8 @@ pub struct Report {
     pub orders: i64,
     /// Committed orders missing an effect in a group, or whose event was never published.
     pub lost: i64,
+    /// Orders missing an effect, per group (pharmacy, notification).
+    pub missing_effects: (i64, i64),
     /// Orders with more than one effect in a group.
     pub duplicate_effects: i64,
     /// Effects applied out of their key's commit order (pairs, over both groups).
@@ -143,13 +145,16 @@ impl Report {
             .map(|(n, c)| format!("{n}={c}"))
             .collect();
         format!(
-            "orders={} acknowledged={} lost={} duplicate_effects={} order_violations={} faults={total} ({}) \
+            "orders={} acknowledged={} lost={} missing_effects=pharmacy:{},notification:{} duplicate_effects={} \
+             order_violations={} faults={total} ({}) \
              duplicates_absorbed={} p99_ms={:.1} unpublished={} pending={} dead={} epoch_regressions={} \
              last_epoch={} fence_refusals={} max_failover_gap_ms={:.0} unexpected_exits={} retried_requests={} \
              coordination={} seed={} elapsed_s={:.0}",
             self.orders,
             self.acknowledged,
             self.lost,
+            self.missing_effects.0,
+            self.missing_effects.1,
             self.duplicate_effects,
             self.order_violations,
             by_kind.join(","),
@@ -298,6 +303,24 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
                 tail.join("\n")
             );
         }
+        for (group, table) in [
+            ("pharmacy", "demo.pharmacy_orders"),
+            ("notification", "demo.notifications"),
+        ] {
+            let by_partition: Vec<MissingRange> = sqlx::query_as(&format!(
+                "SELECT a.kafka_partition, count(*), min(a.kafka_offset), max(a.kafka_offset) \
+                       FROM shop.orders o LEFT JOIN outbox.archive a ON a.event_id = o.event_id \
+                      WHERE NOT EXISTS (SELECT 1 FROM {table} e WHERE e.order_id = o.id) \
+                      GROUP BY 1 ORDER BY 1"
+            ))
+            .fetch_all(&stack.pool)
+            .await?;
+            println!(
+                "soak: {group} effects missing (partition, count, offsets from, to): {by_partition:?}; \
+                 committed/high: {:?}",
+                committed_and_high(&stack.bootstrap, group)
+            );
+        }
     }
     for group in ["pharmacy", "notification"] {
         driver.absorbed += stack.metric_sum(group, DUPLICATES_SKIPPED).await as u64;
@@ -307,6 +330,7 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
         seed: opts.seed,
         coordination,
         orders: l.orders,
+        missing_effects: (l.pharmacy.missing, l.notification.missing),
         duplicate_effects: l.pharmacy.duplicated + l.notification.duplicated,
         epoch_regressions: regressions,
         last_epoch,
@@ -415,6 +439,39 @@ async fn out_of_order(pool: &PgPool, table: &str) -> anyhow::Result<i64> {
         ),
     )
     .await
+}
+
+/// Effects missing on one Kafka partition: (partition, count, lowest offset, highest offset).
+type MissingRange = (Option<i32>, i64, Option<i64>, Option<i64>);
+
+/// The group's committed offset and the high watermark of each partition of `orders` (diagnostics).
+fn committed_and_high(bootstrap: &str, group: &str) -> Vec<(i32, String, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let timeout = Duration::from_secs(5);
+    let Ok(c) = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", group)
+        .create::<BaseConsumer>()
+    else {
+        return vec![];
+    };
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for p in 0..6 {
+        tpl.add_partition("orders", p);
+    }
+    let Ok(committed) = c.committed_offsets(tpl, timeout) else {
+        return vec![];
+    };
+    committed
+        .elements()
+        .iter()
+        .map(|e| {
+            let high = c
+                .fetch_watermarks("orders", e.partition(), timeout)
+                .map_or(-1, |w| w.1);
+            (e.partition(), format!("{:?}", e.offset()), high)
+        })
+        .collect()
 }
 
 /// Waits until every order has its effects, or returns the ledger as it is at the timeout.
