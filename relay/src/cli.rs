@@ -399,9 +399,10 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
             idle_in_transaction_timeout(kafka.delivery_timeout).as_millis()
         ),
     )]);
-    // One connection per batch in flight, plus the NOTIFY listener, the monitors and the coordinator.
+    // One connection per batch in flight, plus the claim overlapping a commit, the NOTIFY listener, the
+    // monitors and the coordinator.
     let pool = PgPoolOptions::new()
-        .max_connections(u32::from(args.in_flight_batches) + 3)
+        .max_connections(u32::from(args.in_flight_batches) + 4)
         .acquire_timeout(Duration::from_secs(5))
         .connect_lazy_with(session_opts.clone());
     if !wait_for_database(&session_opts, &shutdown).await {

@@ -111,6 +111,13 @@ pub struct Producer {
 pub type Outcome = (Delivery, DateTime<Utc>);
 
 impl Producer {
+    /// How long every delivery report of a batch may take: librdkafka reports each record by its
+    /// delivery timeout, so a report missing well past it means the client itself is stuck. Shorter than
+    /// the claim transaction's idle timeout ([`crate::store::idle_in_transaction_timeout`]).
+    pub fn delivery_deadline(&self) -> Duration {
+        self.settings.delivery_timeout + Duration::from_secs(20)
+    }
+
     /// Creates the producer (no network IO yet).
     pub fn new(settings: KafkaSettings, health: Arc<Health>) -> Result<Self, KafkaError> {
         let inner = settings

@@ -38,8 +38,9 @@ pub struct RelayConfig {
     pub fence_scope: String,
     /// Producer `message.max.bytes`, checked before sending.
     pub max_message_bytes: usize,
-    /// Batches claimed and sent before the oldest one settles (1: one batch at a time). Deeper pipelines
-    /// overlap the database's work with the broker's acknowledgments.
+    /// Batches claimed and sent before the oldest one is acknowledged (1: one at a time). Deeper pipelines
+    /// overlap the database's work with the broker's acknowledgments; at any depth the claim of the next
+    /// batch overlaps the commit of the acknowledged one.
     pub in_flight_batches: usize,
 }
 
@@ -73,6 +74,14 @@ struct InFlight {
     batch: Vec<crate::event::ClaimedEvent>,
     deliveries: tokio::task::JoinHandle<Vec<crate::producer::Outcome>>,
     /// Keys this batch parks (see [`plan::parked_keys`]).
+    parked: HashSet<TopicKey>,
+}
+
+/// A batch whose deliveries all ended; its claim transaction is still open.
+struct Acknowledged {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    batch: Vec<crate::event::ClaimedEvent>,
+    outcomes: Vec<crate::producer::Outcome>,
     parked: HashSet<TopicKey>,
 }
 
@@ -162,7 +171,8 @@ impl Relay {
     }
 
     /// Publishes until `shutdown`: acquire leadership, loop over batches until it is lost, release, repeat.
-    /// On shutdown the in-flight batch is finished before returning.
+    /// On shutdown the in-flight batch is finished before returning. Fails (after rolling back and
+    /// releasing the leadership) when the Kafka producer is stuck ([`StoreError::ProducerStuck`]).
     pub async fn run(
         &self,
         coordinator: &mut dyn Coordinator,
@@ -175,12 +185,15 @@ impl Relay {
             self.health.set_role(Role::Active);
             self.metrics.active.set(1);
             self.maintain_archive().await;
-            self.publish_while(&leadership, &shutdown).await;
+            let published = self.publish_while(&leadership, &shutdown).await;
             self.metrics.in_flight_batches.set(0);
             self.metrics.active.set(0);
             self.health
                 .set_role(Role::Standby("leadership released".into()));
             coordinator.release().await;
+            // A stuck producer cannot be trusted again: exit, so a fresh process (its pod restarted)
+            // publishes the rolled-back batches.
+            published?;
             if shutdown.is_cancelled() {
                 break;
             }
@@ -203,7 +216,11 @@ impl Relay {
     /// [`RelayConfig::in_flight_batches`] batches claimed and sent before the oldest settles. Losing the
     /// leadership rolls every batch in flight back at once (and frees the fence row the next holder waits
     /// for); a shutdown settles them first.
-    async fn publish_while(&self, leadership: &Leadership, shutdown: &CancellationToken) {
+    async fn publish_while(
+        &self,
+        leadership: &Leadership,
+        shutdown: &CancellationToken,
+    ) -> anyhow::Result<()> {
         let lost = &leadership.lost;
         let depth = self.cfg.in_flight_batches.max(1);
         let mut pipeline = Pipeline::default();
@@ -217,11 +234,11 @@ impl Relay {
             if lost.is_cancelled() {
                 self.aborted(&mut pipeline, "lost");
                 self.metrics.in_flight_batches.set(0);
-                return;
+                return Ok(());
             }
             let stopping = shutdown.is_cancelled();
             if stopping && pipeline.batches.is_empty() {
-                return;
+                return Ok(());
             }
             if self.cfg.notify && listener.is_none() && !stopping {
                 listener = self.listen().await;
@@ -257,19 +274,53 @@ impl Relay {
             if failure.is_none() && !lost.is_cancelled() {
                 if let Some(oldest) = pipeline.batches.pop_front() {
                     let span = batch_span(&oldest, leadership.epoch);
-                    let settling = self.settle_batch(oldest, &pipeline.failed);
-                    match unless_lost(lost, tracing::Instrument::instrument(settling, span)).await {
-                        Guarded::Lost => {}
-                        Guarded::Done(Ok((_, failed))) => {
-                            errors = 0;
-                            if pipeline.batches.is_empty() {
-                                pipeline.failed.clear();
-                            } else {
-                                pipeline.failed.extend(failed);
+                    let acked = match unless_lost(lost, self.acknowledged(oldest)).await {
+                        Guarded::Lost => continue, // aborts at the top of the loop
+                        Guarded::Done(Ok(acked)) => acked,
+                        Guarded::Done(Err(e)) => {
+                            self.aborted(&mut pipeline, "producer_stuck");
+                            return Err(e.into());
+                        }
+                    };
+                    let settle_plan = self.settle_plan(&acked, &pipeline.failed);
+                    // The next claim overlaps this commit (the database works on both at once). It must not
+                    // take a key this batch failed or parked, nor one a batch still in flight parks: none of
+                    // those rows is committed yet, so the claim's own exclusions cannot see them.
+                    let overlap = !stopping && pipeline.batches.len() < depth;
+                    let mut withheld = pipeline.parked();
+                    withheld.extend(acked.parked.iter().cloned());
+                    withheld.extend(settle_plan.failed_keys.iter().cloned());
+                    let settling = tracing::Instrument::instrument(
+                        self.commit_settle(acked, settle_plan),
+                        span,
+                    );
+                    let claiming = async {
+                        match overlap {
+                            true => Some(self.claim_and_send(leadership.epoch, &withheld).await),
+                            false => None,
+                        }
+                    };
+                    let both = async { tokio::join!(settling, claiming) };
+                    if let Guarded::Done((settled, claimed)) = unless_lost(lost, both).await {
+                        match claimed {
+                            Some(Ok(Some(b))) => pipeline.batches.push_back(b),
+                            Some(Err(e)) => failure = Some(e),
+                            Some(Ok(None)) | None => {}
+                        }
+                        match settled {
+                            Ok((_, failed)) => {
+                                errors = 0;
+                                if pipeline.batches.is_empty() {
+                                    pipeline.failed.clear();
+                                } else {
+                                    pipeline.failed.extend(failed);
+                                }
                             }
+                            Err(e) => failure = Some(e),
+                        }
+                        if failure.is_none() {
                             continue;
                         }
-                        Guarded::Done(Err(e)) => failure = Some(e),
                     }
                 }
             }
@@ -278,11 +329,15 @@ impl Relay {
             }
             let wait = match failure {
                 None => self.cfg.poll_interval,
+                Some(e @ StoreError::ProducerStuck(_)) => {
+                    self.aborted(&mut pipeline, "producer_stuck");
+                    return Err(e.into());
+                }
                 Some(StoreError::Fenced(f)) => {
                     tracing::error!("{f}; stopping publishing");
                     self.aborted(&mut pipeline, "fenced");
                     lost.cancel();
-                    return;
+                    return Ok(());
                 }
                 Some(StoreError::Db(e)) => {
                     // Later batches must not commit past an earlier one that failed.
@@ -298,7 +353,7 @@ impl Relay {
                 }
             };
             if stopping {
-                return;
+                return Ok(());
             }
             tokio::select! {
                 _ = shutdown.cancelled() => {}
@@ -394,21 +449,61 @@ impl Relay {
         in_flight: InFlight,
         failed_before: &HashSet<TopicKey>,
     ) -> Result<(BatchReport, HashSet<TopicKey>), StoreError> {
+        let acked = self.acknowledged(in_flight).await?;
+        let settle_plan = self.settle_plan(&acked, failed_before);
+        self.commit_settle(acked, settle_plan).await
+    }
+
+    /// Waits for every delivery outcome of a batch in flight, at most the producer's deadline.
+    async fn acknowledged(&self, in_flight: InFlight) -> Result<Acknowledged, StoreError> {
         let InFlight {
-            mut tx,
+            tx,
             batch,
             deliveries,
-            ..
+            parked,
         } = in_flight;
-        let outcomes = deliveries.await.expect("delivery collector panicked");
-        let deliveries: Vec<_> = outcomes.iter().map(|(d, _)| d.clone()).collect();
-        let settle_plan = plan::settle_after(
-            &batch,
+        let deadline = self.producer.delivery_deadline();
+        let outcomes = tokio::time::timeout(deadline, deliveries)
+            .await
+            .map_err(|_| StoreError::ProducerStuck(deadline))?
+            .expect("delivery collector panicked");
+        Ok(Acknowledged {
+            tx,
+            batch,
+            outcomes,
+            parked,
+        })
+    }
+
+    /// What happens to each event of an acknowledged batch (pure; see [`plan::settle_after`]).
+    fn settle_plan(
+        &self,
+        acked: &Acknowledged,
+        failed_before: &HashSet<TopicKey>,
+    ) -> plan::SettlePlan {
+        let deliveries: Vec<_> = acked.outcomes.iter().map(|(d, _)| d.clone()).collect();
+        plan::settle_after(
+            &acked.batch,
             &deliveries,
             &self.cfg.retry,
             rand::random::<f64>,
             failed_before,
-        );
+        )
+    }
+
+    /// Records the outcomes, writes the settle plan in the batch's claim transaction and commits. Returns
+    /// the report and the keys whose delivery failed.
+    async fn commit_settle(
+        &self,
+        acked: Acknowledged,
+        settle_plan: plan::SettlePlan,
+    ) -> Result<(BatchReport, HashSet<TopicKey>), StoreError> {
+        let Acknowledged {
+            mut tx,
+            batch,
+            outcomes,
+            ..
+        } = acked;
         let mut report = BatchReport {
             claimed: batch.len(),
             ..Default::default()

@@ -42,6 +42,11 @@ pub enum StoreError {
     /// Database error.
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
+    /// A batch's delivery reports did not all arrive by the producer's deadline: the Kafka client is
+    /// stuck (seen with librdkafka after a run of delivery timeouts under idempotence). The batches in
+    /// flight roll back and the process exits, so a fresh client publishes them.
+    #[error("kafka producer stuck: delivery reports missing after {0:?}")]
+    ProducerStuck(Duration),
 }
 
 /// Snapshot of the pending table for metrics and status.

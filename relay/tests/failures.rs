@@ -468,3 +468,125 @@ async fn a_key_parked_by_a_batch_in_flight_is_withheld_from_the_batches_claimed_
         0.0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_whose_delivery_fails_while_later_batches_hold_it_keeps_its_order() {
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+    let db = migrated_db().await;
+    let mock = mock_cluster(1, &[(TOPIC, 3)]);
+    // Every produce is refused (retriable) until cleared: records time out after the delivery timeout.
+    mock.request_errors(
+        RDKafkaApiKey::Produce,
+        &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_NOT_ENOUGH_REPLICAS; 10_000],
+    );
+    // Batches of two, each holding one event of both keys: [p:0 a:0] [p:1 a:1] [p:2 a:2] [p:3 a:3].
+    let rows: Vec<(&str, usize, u32)> = (0..4)
+        .flat_map(|seq| [("key-p", 0, seq), ("key-a", 0, seq)])
+        .collect();
+    insert_raw(&db.pool, &rows).await;
+    let mut cfg = config();
+    cfg.batch_size = 2;
+    cfg.in_flight_batches = 4;
+    cfg.notify = false;
+    let mut k = kafka(mock.bootstrap_servers());
+    k.delivery_timeout = std::time::Duration::from_secs(2);
+    let r = in_process(&db.pool, cfg.clone(), k);
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let runner = {
+        let (relay, shutdown) = (r.relay.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            relay
+                .run(&mut relay::coordinator::Competing, shutdown)
+                .await
+        })
+    };
+    let mut deepest = 0.0f64;
+    test_support::wait_for(
+        "deliveries failed while batches were in flight together",
+        std::time::Duration::from_secs(60),
+        || {
+            let m = r.metrics.render();
+            deepest = deepest.max(metric(&m, "outbox_relay_in_flight_batches"));
+            let failed = metric(&m, "outbox_relay_retries_total") >= 8.0;
+            async move { (failed && deepest >= 2.0).then_some(()) }
+        },
+    )
+    .await;
+    assert_eq!(
+        count(&db.pool, "outbox.events").await,
+        8,
+        "nothing delivered yet"
+    );
+    mock.clear_request_errors(RDKafkaApiKey::Produce);
+    // librdkafka 2.12's idempotent producer, after bumping its epoch on these timeouts, may never send or
+    // time out the next records: the relay then gives up on the batch at the producer's deadline, rolls
+    // back and exits (its pod restarts). Either way a relay with a fresh producer finishes the work.
+    let finished = test_support::wait_for(
+        "everything delivered, or the relay exited on a stuck producer",
+        std::time::Duration::from_secs(60),
+        || {
+            let pool = db.pool.clone();
+            let exited = runner.is_finished();
+            async move { (exited || count(&pool, "outbox.events").await == 0).then_some(exited) }
+        },
+    )
+    .await;
+    println!("relay exited on a stuck producer: {finished}");
+    let r2 = if finished {
+        let err = runner
+            .await
+            .unwrap()
+            .expect_err("only a stuck producer ends the relay");
+        assert!(err.to_string().contains("producer stuck"), "{err}");
+        assert!(
+            metric(&r.metrics.render(), "outbox_relay_batch_errors_total") >= 1.0,
+            "the rolled-back batches are counted"
+        );
+        let r2 = in_process(&db.pool, cfg.clone(), kafka(mock.bootstrap_servers()));
+        let (relay, stop) = (r2.relay.clone(), shutdown.clone());
+        let runner =
+            tokio::spawn(async move { relay.run(&mut relay::coordinator::Competing, stop).await });
+        test_support::wait_for(
+            "a fresh relay delivers everything",
+            std::time::Duration::from_secs(60),
+            || {
+                let pool = db.pool.clone();
+                async move { (count(&pool, "outbox.events").await == 0).then_some(()) }
+            },
+        )
+        .await;
+        shutdown.cancel();
+        runner.await.unwrap().unwrap();
+        Some(r2)
+    } else {
+        shutdown.cancel();
+        runner.await.unwrap().unwrap();
+        None
+    };
+    let delivered = read(&mock.bootstrap_servers(), TOPIC);
+    let first_seen = |key: &str| -> Vec<String> {
+        let mut seen: Vec<String> = Vec::new();
+        for rec in delivered.iter().filter(|r| r.key.as_deref() == Some(key)) {
+            let p = String::from_utf8_lossy(&rec.payload).to_string();
+            if !seen.contains(&p) {
+                seen.push(p);
+            }
+        }
+        seen
+    };
+    assert_eq!(
+        first_seen("key-p"),
+        ["key-p:0", "key-p:1", "key-p:2", "key-p:3"],
+        "a key's events reach Kafka in their order across failed batches"
+    );
+    assert_eq!(
+        first_seen("key-a"),
+        ["key-a:0", "key-a:1", "key-a:2", "key-a:3"]
+    );
+    for m in std::iter::once(&r).chain(r2.as_ref()) {
+        assert_eq!(
+            metric(&m.metrics.render(), "outbox_relay_order_violations_total"),
+            0.0
+        );
+    }
+}
