@@ -161,7 +161,7 @@ async fn limit_postgres(bed: &Bed, proxy: Option<&DelayProxy>) -> anyhow::Result
     let mut n = 0;
     loop {
         let mut tx = pool.begin().await?;
-        let batch = store.claim(&mut tx, BATCH).await?;
+        let batch = store.claim(&mut tx, BATCH, 0).await?;
         if batch.is_empty() {
             break;
         }

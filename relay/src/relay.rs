@@ -93,14 +93,60 @@ struct Acknowledged {
 /// settle oldest first, and a failed settle rolls every batch in flight back. Fencing: each claim
 /// transaction share-locks the fence row until it commits, so no new holder's epoch can land before any
 /// of these commits.
-#[derive(Default)]
 struct Pipeline {
     batches: VecDeque<InFlight>,
     /// Keys whose delivery failed in batches settled while later ones were in flight.
     failed: HashSet<TopicKey>,
+    /// When the last claim scanned from the start of the outbox (see [`Pipeline::claim_after`]).
+    last_full_scan: Instant,
+    /// The last claim above the batches in flight came back short: scan from the start next.
+    full_scan_due: bool,
+}
+
+/// How often a busy pipeline still claims from the start of the outbox: rows that were committed late
+/// below the batches in flight, or whose retry came due, wait at most this long.
+const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
+
+impl Default for Pipeline {
+    fn default() -> Self {
+        Self {
+            batches: VecDeque::new(),
+            failed: HashSet::new(),
+            last_full_scan: Instant::now(),
+            full_scan_due: true,
+        }
+    }
 }
 
 impl Pipeline {
+    /// Where the next claim starts. While batches are in flight their rows are locked, and a claim from
+    /// the start would step over every one of them (`SKIP LOCKED` still visits each row); claiming above
+    /// the highest id in flight skips that work. Rows below it that are not in flight (late commits,
+    /// retries come due) are picked up by a scan from the start, at least every [`FULL_SCAN_EVERY`] and
+    /// whenever a claim above came back short.
+    fn claim_after(&self, committing: Option<i64>) -> i64 {
+        let highest = self
+            .batches
+            .iter()
+            .filter_map(|b| b.batch.last().map(|e| e.id))
+            .chain(committing)
+            .max();
+        match highest {
+            Some(id) if !self.full_scan_due && self.last_full_scan.elapsed() < FULL_SCAN_EVERY => id,
+            _ => 0,
+        }
+    }
+
+    /// Records how a claim that started at `after` came back.
+    fn claimed(&mut self, after: i64, full: bool) {
+        if after == 0 {
+            self.last_full_scan = Instant::now();
+            self.full_scan_due = false;
+        } else if !full {
+            self.full_scan_due = true;
+        }
+    }
+
     fn parked(&self) -> HashSet<TopicKey> {
         self.batches
             .iter()
@@ -252,10 +298,16 @@ impl Relay {
             let mut failure = None;
             while !stopping && pipeline.batches.len() < depth {
                 let parked = pipeline.parked();
-                match unless_lost(lost, self.claim_and_send(leadership.epoch, &parked)).await {
+                let after = pipeline.claim_after(None);
+                match unless_lost(lost, self.claim_and_send(leadership.epoch, &parked, after)).await {
                     Guarded::Lost => break,
+                    Guarded::Done(Ok(None)) => {
+                        pipeline.claimed(after, false);
+                        break;
+                    }
                     Guarded::Done(Ok(Some(b))) => {
                         let full = b.batch.len() as i64 >= self.cfg.batch_size;
+                        pipeline.claimed(after, full);
                         pipeline.batches.push_back(b);
                         self.metrics
                             .in_flight_batches
@@ -264,7 +316,6 @@ impl Relay {
                             break;
                         }
                     }
-                    Guarded::Done(Ok(None)) => break,
                     Guarded::Done(Err(e)) => {
                         failure = Some(e);
                         break;
@@ -287,6 +338,7 @@ impl Relay {
                     // take a key this batch failed or parked, nor one a batch still in flight parks: none of
                     // those rows is committed yet, so the claim's own exclusions cannot see them.
                     let overlap = !stopping && pipeline.batches.len() < depth;
+                    let after = pipeline.claim_after(acked.batch.last().map(|e| e.id));
                     let mut withheld = pipeline.parked();
                     withheld.extend(acked.parked.iter().cloned());
                     withheld.extend(settle_plan.failed_keys.iter().cloned());
@@ -296,16 +348,24 @@ impl Relay {
                     );
                     let claiming = async {
                         match overlap {
-                            true => Some(self.claim_and_send(leadership.epoch, &withheld).await),
+                            true => Some(
+                                self.claim_and_send(leadership.epoch, &withheld, after)
+                                    .await,
+                            ),
                             false => None,
                         }
                     };
                     let both = async { tokio::join!(settling, claiming) };
                     if let Guarded::Done((settled, claimed)) = unless_lost(lost, both).await {
                         match claimed {
-                            Some(Ok(Some(b))) => pipeline.batches.push_back(b),
+                            Some(Ok(Some(b))) => {
+                                let full = b.batch.len() as i64 >= self.cfg.batch_size;
+                                pipeline.claimed(after, full);
+                                pipeline.batches.push_back(b);
+                            }
+                            Some(Ok(None)) => pipeline.claimed(after, false),
                             Some(Err(e)) => failure = Some(e),
-                            Some(Ok(None)) | None => {}
+                            None => {}
                         }
                         match settled {
                             Ok((_, failed)) => {
@@ -399,7 +459,7 @@ impl Relay {
 
     /// One claim → produce → settle transaction. Public so tests and tools can drive it.
     pub async fn run_batch(&self, epoch: Option<i64>) -> Result<BatchReport, StoreError> {
-        match self.claim_and_send(epoch, &HashSet::new()).await? {
+        match self.claim_and_send(epoch, &HashSet::new(), 0).await? {
             Some(batch) => {
                 let span = batch_span(&batch, epoch);
                 let none_failed = HashSet::new();
@@ -417,6 +477,7 @@ impl Relay {
         &self,
         epoch: Option<i64>,
         parked_before: &HashSet<TopicKey>,
+        after: i64,
     ) -> Result<Option<InFlight>, StoreError> {
         let mut tx = self.pool.begin().await?;
         if let Some(epoch) = epoch {
@@ -424,7 +485,7 @@ impl Relay {
                 .check_fence(&mut tx, &self.cfg.fence_scope, epoch)
                 .await?;
         }
-        let batch = self.store.claim(&mut tx, self.cfg.batch_size).await?;
+        let batch = self.store.claim(&mut tx, self.cfg.batch_size, after).await?;
         if batch.is_empty() {
             tx.commit().await?;
             return Ok(None);

@@ -83,12 +83,14 @@ impl Store {
         let cols = "id, event_id, topic, key, payload, headers, event_type, aggregate_type, aggregate_id, created_at, attempts";
         Self {
             // A key never overtakes its head: skip keys with an earlier event in backoff or parked in dead.
+            // A claim above the batches in flight ($2 > 0) cannot reach an earlier event at or below $2, so
+            // a key with one that failed before waits for the next claim from the start.
             claim_sql: format!(
                 "SELECT {cols} FROM {events} e WHERE e.next_attempt_at <= now() \
                  AND NOT EXISTS (SELECT 1 FROM {events} p WHERE p.attempts > 0 AND p.topic = e.topic \
-                     AND p.key = e.key AND p.id < e.id AND p.next_attempt_at > now()) \
+                     AND p.key = e.key AND p.id < e.id AND (p.next_attempt_at > now() OR p.id <= $2)) \
                  AND NOT EXISTS (SELECT 1 FROM {dead} d WHERE d.parked AND d.topic = e.topic AND d.key = e.key) \
-                 ORDER BY e.id LIMIT $1 FOR UPDATE OF e SKIP LOCKED"
+                 AND e.id > $2 ORDER BY e.id LIMIT $1 FOR UPDATE OF e SKIP LOCKED"
             ),
             // FOR SHARE: a new holder's epoch bump waits for this transaction, so no stale commit can
             // interleave with the new holder's claims.
@@ -146,14 +148,16 @@ impl Store {
         Ok(())
     }
 
-    /// Claims up to `limit` due events in id order, locking them.
+    /// Claims up to `limit` due events in id order above `after` (0: from the start), locking them.
     pub async fn claim(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         limit: i64,
+        after: i64,
     ) -> Result<Vec<ClaimedEvent>, StoreError> {
         Ok(sqlx::query_as(&self.claim_sql)
             .bind(limit)
+            .bind(after)
             .fetch_all(&mut **tx)
             .await?)
     }
