@@ -416,8 +416,8 @@ pub struct OutboxRelaySpec {
     #[serde(default = "default_batch")]
     #[schemars(range(min = 1, max = 50000))]
     pub batch_size: i32,
-    /// Batches claimed and sent before the oldest one is settled (1: one at a time). More overlaps the
-    /// database's work with the broker's acknowledgments; each batch in flight holds a database
+    /// Batches claimed and sent before the oldest one is acknowledged (1: one at a time). More overlaps
+    /// the database's work with the broker's round trips; each batch in flight holds a database
     /// connection and may be published again after a crash.
     #[serde(default = "default_in_flight_batches")]
     #[schemars(range(min = 1, max = 8))]
@@ -457,7 +457,7 @@ fn default_batch() -> i32 {
     1000
 }
 fn default_in_flight_batches() -> i32 {
-    2
+    4
 }
 fn default_poll() -> i32 {
     500
