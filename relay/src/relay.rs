@@ -132,7 +132,9 @@ impl Pipeline {
             .chain(committing)
             .max();
         match highest {
-            Some(id) if !self.full_scan_due && self.last_full_scan.elapsed() < FULL_SCAN_EVERY => id,
+            Some(id) if !self.full_scan_due && self.last_full_scan.elapsed() < FULL_SCAN_EVERY => {
+                id
+            }
             _ => 0,
         }
     }
@@ -299,7 +301,8 @@ impl Relay {
             while !stopping && pipeline.batches.len() < depth {
                 let parked = pipeline.parked();
                 let after = pipeline.claim_after(None);
-                match unless_lost(lost, self.claim_and_send(leadership.epoch, &parked, after)).await {
+                match unless_lost(lost, self.claim_and_send(leadership.epoch, &parked, after)).await
+                {
                     Guarded::Lost => break,
                     Guarded::Done(Ok(None)) => {
                         pipeline.claimed(after, false);
@@ -485,7 +488,10 @@ impl Relay {
                 .check_fence(&mut tx, &self.cfg.fence_scope, epoch)
                 .await?;
         }
-        let batch = self.store.claim(&mut tx, self.cfg.batch_size, after).await?;
+        let batch = self
+            .store
+            .claim(&mut tx, self.cfg.batch_size, after)
+            .await?;
         if batch.is_empty() {
             tx.commit().await?;
             return Ok(None);
