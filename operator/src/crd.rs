@@ -457,7 +457,7 @@ fn default_batch() -> i32 {
     1000
 }
 fn default_in_flight_batches() -> i32 {
-    4
+    8
 }
 fn default_poll() -> i32 {
     500

@@ -6,7 +6,12 @@
 //! replicated `acks=all` produce takes); PostgreSQL 1 ms away (a delay proxy in front of it). The relay runs
 //! with 1, 2 and 4 batches in flight in each. Then commit→ack latency at a steady 1,000 events/s, and the
 //! relay binary's peak RSS. CPU per event is reported by process (relay, PostgreSQL, this process: the
-//! mock broker and the proxy). Figures, not assertions: one machine-readable line per condition and depth.
+//! mock broker and the proxy), and PostgreSQL's own per-statement times (`pg_stat_statements`) for limit (a)
+//! and for the relay at the default depth. Figures, not assertions: one machine-readable line per condition
+//! and depth, one per statement.
+//!
+//! Environment: `BENCH_CONDITIONS` (comma-separated names, default all), `BENCH_DEPTHS` (default 1,2,4,8),
+//! `RELAY_BIN` (another `outbox-relay` binary, e.g. an older build, for before/after figures).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -30,9 +35,9 @@ const KEYS: usize = 1_000;
 const PAYLOAD: usize = 200;
 const BATCH: i64 = 1_000;
 const TOPIC: &str = "bench";
-const DEPTHS: [u16; 3] = [1, 2, 4];
+const DEPTHS: [u16; 4] = [1, 2, 4, 8];
 /// The relay's default `--in-flight-batches` (the summary line reports it).
-const DEFAULT_DEPTH: u16 = 4;
+const DEFAULT_DEPTH: u16 = 8;
 
 fn event(i: usize) -> NewEvent {
     let key = format!("customer-{}", i % KEYS);
@@ -79,7 +84,7 @@ struct Bed {
 impl Bed {
     /// A copy of the seeded outbox (`CREATE DATABASE … TEMPLATE`: a file copy, not 200,000 inserts),
     /// reached through `proxy` when the condition puts the database farther away.
-    async fn outbox(&self, proxy: Option<&DelayProxy>) -> anyhow::Result<(String, PgPool)> {
+    async fn outbox(&self, proxy: Option<&DelayProxy>) -> anyhow::Result<Outbox> {
         let direct = self.pg.create_database().await?;
         let name = direct.rsplit('/').next().unwrap_or_default().to_owned();
         let mut admin = sqlx::PgConnection::connect(&self.pg.url("postgres")).await?;
@@ -101,7 +106,81 @@ impl Bed {
             .max_connections(8)
             .connect(&url)
             .await?;
-        Ok((url, pool))
+        Ok(Outbox { name, url, pool })
+    }
+
+    /// Forgets the statement times collected so far (every database of the server).
+    async fn reset_statements(&self) -> anyhow::Result<()> {
+        let mut admin = sqlx::PgConnection::connect(&self.pg.url("postgres")).await?;
+        sqlx::query("SELECT pg_stat_statements_reset()")
+            .execute(&mut admin)
+            .await?;
+        Ok(())
+    }
+
+    /// The statements run in database `name` since the last reset, most total time first.
+    async fn statements(&self, name: &str) -> anyhow::Result<Vec<Statement>> {
+        let mut admin = sqlx::PgConnection::connect(&self.pg.url("postgres")).await?;
+        let rows: Vec<(String, i64, f64, i64)> = sqlx::query_as(
+            "SELECT s.query, s.calls, s.total_exec_time, s.rows FROM pg_stat_statements s \
+             JOIN pg_database d ON d.oid = s.dbid WHERE d.datname = $1 AND s.calls > 0 \
+             ORDER BY s.total_exec_time DESC LIMIT 8",
+        )
+        .bind(name)
+        .fetch_all(&mut admin)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|(query, calls, total_ms, rows)| Statement {
+                query: query.split_whitespace().collect::<Vec<_>>().join(" "),
+                calls,
+                total_ms,
+                rows,
+            })
+            .collect())
+    }
+}
+
+/// A copy of the seeded outbox: its database name, the URL the relay uses, a pool for checks.
+struct Outbox {
+    name: String,
+    url: String,
+    pool: PgPool,
+}
+
+/// One normalised statement's figures from `pg_stat_statements`.
+struct Statement {
+    query: String,
+    calls: i64,
+    total_ms: f64,
+    rows: i64,
+}
+
+/// Prints each statement's execution time per relayed event (server side: planning, locks and
+/// execution; not the round trip), one machine-readable line each.
+fn print_statements(phase: &str, condition: &str, statements: &[Statement], events: f64) {
+    let total: f64 = statements.iter().map(|s| s.total_ms).sum();
+    println!(
+        "    pg_stat_statements ({phase}): {:.1} us of statement time per event",
+        total / events * 1000.0
+    );
+    for s in statements {
+        let short: String = s.query.chars().take(90).collect();
+        println!(
+            "      {:>6.2} us/event  {:>7} calls  {:>7.3} ms/call  {:>8} rows  {short}",
+            s.total_ms / events * 1000.0,
+            s.calls,
+            s.total_ms / s.calls as f64,
+            s.rows
+        );
+        println!(
+            "statement phase={phase} condition={condition} us_per_event={:.2} calls={} ms_per_call={:.3} rows={} query={:?}",
+            s.total_ms / events * 1000.0,
+            s.calls,
+            s.total_ms / s.calls as f64,
+            s.rows,
+            short
+        );
     }
 }
 
@@ -155,8 +234,12 @@ impl Figures {
     }
 }
 
-async fn limit_postgres(bed: &Bed, proxy: Option<&DelayProxy>) -> anyhow::Result<Figures> {
-    let (_, pool) = bed.outbox(proxy).await?;
+async fn limit_postgres(
+    bed: &Bed,
+    proxy: Option<&DelayProxy>,
+) -> anyhow::Result<(Figures, Vec<Statement>)> {
+    let Outbox { name, pool, .. } = bed.outbox(proxy).await?;
+    bed.reset_statements().await?;
     let store = Store::new(SchemaName::default());
     let meter = Meter::start(None);
     let start = Instant::now();
@@ -176,11 +259,16 @@ async fn limit_postgres(bed: &Bed, proxy: Option<&DelayProxy>) -> anyhow::Result
         tx.commit().await?;
     }
     let (machine_cores, cpu) = meter.stop();
-    Ok(Figures {
-        eps: n as f64 / start.elapsed().as_secs_f64(),
-        machine_cores,
-        cpu,
-    })
+    let eps = n as f64 / start.elapsed().as_secs_f64();
+    let statements = bed.statements(&name).await?;
+    Ok((
+        Figures {
+            eps,
+            machine_cores,
+            cpu,
+        },
+        statements,
+    ))
 }
 
 async fn limit_kafka(brokers: &str) -> anyhow::Result<Figures> {
@@ -354,6 +442,7 @@ struct RelayRun {
     figures: Figures,
     events: f64,
     rss_mb: f64,
+    statements: Vec<Statement>,
 }
 
 async fn relay_binary(
@@ -361,12 +450,16 @@ async fn relay_binary(
     proxy: Option<&DelayProxy>,
     in_flight: u16,
 ) -> anyhow::Result<RelayRun> {
-    let (url, pool) = bed.outbox(proxy).await?;
-    let bin = std::env::current_exe()?
-        .parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.join("outbox-relay"))
-        .unwrap();
+    let Outbox { name, url, pool } = bed.outbox(proxy).await?;
+    let bin = match std::env::var_os("RELAY_BIN") {
+        Some(path) => std::path::PathBuf::from(path),
+        None => std::env::current_exe()?
+            .parent()
+            .and_then(|p| p.parent())
+            .map(|p| p.join("outbox-relay"))
+            .unwrap(),
+    };
+    bed.reset_statements().await?;
     let port = test_support::free_port();
     let mut child = std::process::Command::new(&bin)
         .args([
@@ -407,6 +500,8 @@ async fn relay_binary(
     let rss_mb = peak_rss_mb(child.id());
     child.kill()?;
     child.wait()?;
+    // Read before the check below adds its own statement.
+    let statements = bed.statements(&name).await?;
     anyhow::ensure!(
         pending(&pool).await == 0,
         "events left after the relay reported them all"
@@ -421,6 +516,7 @@ async fn relay_binary(
         },
         events,
         rss_mb,
+        statements,
     })
 }
 
@@ -506,14 +602,43 @@ async fn database_rtt_ms(url: &str) -> anyhow::Result<f64> {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
-    let pg = PgServer::start(Durability::Durable)?;
+    let pg = PgServer::start_with_settings(
+        Durability::Durable,
+        &["shared_preload_libraries=pg_stat_statements"],
+    )?;
+    let only = |var: &str| -> Option<Vec<String>> {
+        std::env::var(var)
+            .ok()
+            .map(|v| v.split(',').map(|s| s.trim().to_owned()).collect())
+    };
+    let conditions: Vec<Condition> = match only("BENCH_CONDITIONS") {
+        Some(names) => CONDITIONS
+            .into_iter()
+            .filter(|c| names.iter().any(|n| n == c.name))
+            .collect(),
+        None => CONDITIONS.to_vec(),
+    };
+    let depths: Vec<u16> = match only("BENCH_DEPTHS") {
+        Some(list) => list
+            .iter()
+            .map(|d| d.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("BENCH_DEPTHS: {e}"))?,
+        None => DEPTHS.to_vec(),
+    };
     let mock = test_support::kafka::mock_cluster(1, &[(TOPIC, 12)]);
-    let template = seed_template(&pg).await?;
+    let template = seed_template(&pg).await?; // waits until the server accepts queries
+    {
+        let mut admin = sqlx::PgConnection::connect(&pg.url("postgres")).await?;
+        sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+            .execute(&mut admin)
+            .await?;
+    }
     let bed = Bed { pg, mock, template };
     let brokers = bed.mock.bootstrap_servers();
     println!("bench-relay: {EVENTS} events x {PAYLOAD} B over {KEYS} keys, batch {BATCH}; PostgreSQL (fsync on) + librdkafka mock broker, this machine");
     let mut loopback_best = None;
-    for c in CONDITIONS {
+    for c in conditions {
         bed.mock.broker_round_trip_time(1, c.broker_rtt)?;
         let pg_addr: std::net::SocketAddr = format!("127.0.0.1:{}", bed.pg.port()).parse()?;
         let proxy = (!c.database_rtt.is_zero())
@@ -529,18 +654,19 @@ async fn main() -> anyhow::Result<()> {
             "condition {}: broker round trip +{:?}, database round trip {rtt:.2} ms (SELECT 1, median)",
             c.name, c.broker_rtt
         );
-        let a = limit_postgres(&bed, proxy.as_ref()).await?;
+        let (a, statements) = limit_postgres(&bed, proxy.as_ref()).await?;
         println!(
             "  limit (a) PostgreSQL claim+delete, no Kafka : {:>9.0} events/s  (machine busy {:.2} cores; {})",
             a.eps, a.machine_cores, a.cpu_text(EVENTS as f64)
         );
+        print_statements("limit_a", c.name, &statements, EVENTS as f64);
         let b = limit_kafka(&brokers).await?;
         println!(
             "  limit (b) rdkafka produce, no database      : {:>9.0} events/s  (machine busy {:.2} cores; {})",
             b.eps, b.machine_cores, b.cpu_text(EVENTS as f64)
         );
         let limit = a.eps.min(b.eps);
-        for depth in DEPTHS {
+        for &depth in &depths {
             let run = relay_binary(&bed, proxy.as_ref(), depth).await?;
             let f = run.figures;
             let ratio = f.eps / limit;
@@ -558,6 +684,9 @@ async fn main() -> anyhow::Result<()> {
                 f.cpu.bench / run.events * 1e6,
                 run.rss_mb
             );
+            if depth == DEFAULT_DEPTH {
+                print_statements("relay", c.name, &run.statements, EVENTS as f64);
+            }
             if c.name == "loopback" && depth == DEFAULT_DEPTH {
                 loopback_best = Some((f.eps, ratio, run.rss_mb));
             }
@@ -565,7 +694,7 @@ async fn main() -> anyhow::Result<()> {
     }
     bed.mock.broker_round_trip_time(1, Duration::ZERO)?;
     let (p50, p99) = latency(&bed.pg, &brokers).await?;
-    println!("  commit->ack at 1000 events/s (4 in flight) : p50 {p50:.1} ms, p99 {p99:.1} ms (target p99 <= 25)");
+    println!("  commit->ack at 1000 events/s ({DEFAULT_DEPTH} in flight) : p50 {p50:.1} ms, p99 {p99:.1} ms (target p99 <= 25)");
     let (eps, ratio, rss) = loopback_best.unwrap_or_default();
     println!("targets: loopback ratio >= 0.70 and >= 50000 events/s, broker_rtt_5ms ratio >= 0.60, database_rtt_1ms ratio >= 0.50, RSS <= 32 MB");
     println!("relay_eps={eps:.0} ratio={ratio:.2} p99_ms={p99:.1} rss_mb={rss:.1}");

@@ -129,7 +129,7 @@ struct RunArgs {
     #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=50_000))]
     batch_size: i64,
     /// Batches claimed and sent before the oldest one is acknowledged (1: one at a time).
-    #[arg(long, env = "RELAY_IN_FLIGHT_BATCHES", default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=8))]
+    #[arg(long, env = "RELAY_IN_FLIGHT_BATCHES", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=8))]
     in_flight_batches: u16,
     /// Poll interval when the outbox is drained.
     #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]

@@ -56,7 +56,13 @@ pub fn pg_bin_dir() -> anyhow::Result<PathBuf> {
 impl PgServer {
     /// Initialises and starts a new cluster; returns once it accepts connections.
     pub fn start(durability: Durability) -> anyhow::Result<Self> {
-        Self::start_inner(durability, None)
+        Self::start_inner(durability, None, &[])
+    }
+
+    /// Like [`PgServer::start`], with more server settings (`name=value`, each passed as `-c`), e.g.
+    /// `shared_preload_libraries=pg_stat_statements` for a benchmark that reads per-statement times.
+    pub fn start_with_settings(durability: Durability, settings: &[&str]) -> anyhow::Result<Self> {
+        Self::start_inner(durability, None, settings)
     }
 
     /// Like [`PgServer::start`], with `ssl=on` and this certificate and key (PEM); clients may still connect
@@ -66,10 +72,14 @@ impl PgServer {
         cert_pem: &str,
         key_pem: &str,
     ) -> anyhow::Result<Self> {
-        Self::start_inner(durability, Some((cert_pem, key_pem)))
+        Self::start_inner(durability, Some((cert_pem, key_pem)), &[])
     }
 
-    fn start_inner(durability: Durability, tls: Option<(&str, &str)>) -> anyhow::Result<Self> {
+    fn start_inner(
+        durability: Durability,
+        tls: Option<(&str, &str)>,
+        settings: &[&str],
+    ) -> anyhow::Result<Self> {
         let bin = pg_bin_dir()?;
         let dir = tempfile::Builder::new().prefix("outbox-pg-").tempdir()?;
         let data = dir.path().join("data");
@@ -147,7 +157,7 @@ impl PgServer {
             Durability::SurvivesServerCrash => &["fsync=off", "full_page_writes=off"],
             Durability::Durable => &[],
         };
-        for setting in relaxed {
+        for setting in relaxed.iter().chain(settings) {
             args.push("-c".into());
             args.push((*setting).into());
         }
