@@ -18,14 +18,14 @@ use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::coordinator::{Competing, Coordinator, SingleLock};
 use crate::health::Health;
-use crate::kube_lease::{LeaseClient, LeaseCoordinator};
-use crate::lease::Timings;
+use crate::kube_lease::LeaseCoordinator;
 use crate::metrics::Metrics;
 use crate::plan::{PoisonPolicy, RetryPolicy};
 use crate::producer::{KafkaSettings, Partitioning, Producer};
 use crate::relay::{wait_for_broker, Relay, RelayConfig};
 use crate::store::{idle_in_transaction_timeout, Retention};
 use crate::tools::{self, DeadSelector, ReplayFilter};
+use lease_election::{LeaseClient, Timings};
 
 /// `outbox-relay`: moves committed outbox events from PostgreSQL to Kafka.
 #[derive(Debug, Parser)]

@@ -2,7 +2,7 @@
 //! producer, and settles them (delete/archive, retry with backoff, dead-letter) in the claim transaction.
 //!
 //! Layout: [`plan`] decides (pure), [`store`] and [`producer`] do the IO, [`relay`] runs the loop,
-//! [`coordinator`] gates it ([`lease`] decides and [`kube_lease`] does the IO of the Kubernetes Lease mode), [`retention`] and [`tools`] are the maintenance side, [`cli`] the binary.
+//! [`coordinator`] gates it ([`kube_lease`] adapts the `lease-election` crate: the Kubernetes Lease mode with the fence), [`retention`] and [`tools`] are the maintenance side, [`cli`] the binary.
 
 pub mod cli;
 pub mod coordinator;
@@ -10,7 +10,6 @@ pub mod event;
 pub mod health;
 pub mod http;
 pub mod kube_lease;
-pub mod lease;
 pub mod metrics;
 pub mod plan;
 pub mod producer;

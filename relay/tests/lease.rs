@@ -1,5 +1,5 @@
-//! Lease coordination on a real kube-apiserver (the test bed's control plane): the Lease client's
-//! compare-and-swap, and two relay processes sharing one Lease and one PostgreSQL — SIGKILL the leader —
+//! Lease coordination on a real kube-apiserver (the test bed's control plane): the relay's coordinator
+//! with the fence, and two relay processes sharing one Lease and one PostgreSQL — SIGKILL the leader —
 //! under the Role the operator creates for relays, through a ServiceAccount token.
 
 mod common;
@@ -10,10 +10,10 @@ use std::time::{Duration, Instant};
 use common::*;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
+use lease_election::{LeaseClient, Timings};
 use relay::coordinator::Coordinator;
 use relay::health::Health;
-use relay::kube_lease::{LeaseClient, LeaseCoordinator};
-use relay::lease::{Read, Timings, Write, Written};
+use relay::kube_lease::LeaseCoordinator;
 use relay::metrics::Metrics;
 use relay::store::StoreError;
 use test_support::control_plane;
@@ -33,64 +33,6 @@ fn fast() -> Timings {
         renew_deadline: Duration::from_secs(2),
         retry_period: Duration::from_millis(300),
     }
-}
-
-#[tokio::test]
-async fn lease_writes_are_compare_and_swap() {
-    let (client, ns) = real_client("lease-cas").await;
-    let a = LeaseClient::new(client.clone(), &ns, "relay", "a", Timings::default());
-    let b = LeaseClient::new(client.clone(), &ns, "relay", "b", Timings::default());
-    assert_eq!(a.read().await, Read::Missing);
-    let Written::Ok(rv1) = a.write(&Write::Create { transitions: 0 }).await else {
-        panic!("create failed")
-    };
-    assert_eq!(
-        b.write(&Write::Create { transitions: 0 }).await,
-        Written::Conflict,
-        "a second create is a conflict"
-    );
-    let Written::Ok(rv2) = a
-        .write(&Write::Update {
-            resource_version: rv1.clone(),
-            transitions: 0,
-            takeover: false,
-        })
-        .await
-    else {
-        panic!("renew failed")
-    };
-    assert_ne!(rv1, rv2);
-    assert_eq!(
-        b.write(&Write::Update {
-            resource_version: rv1,
-            transitions: 1,
-            takeover: true
-        })
-        .await,
-        Written::Conflict,
-        "a write with a stale resourceVersion is refused"
-    );
-    let lease = Api::<Lease>::namespaced(client, &ns)
-        .get("relay")
-        .await
-        .unwrap();
-    let spec = lease.spec.unwrap();
-    assert_eq!(spec.holder_identity.as_deref(), Some("a"));
-    assert_eq!(spec.lease_duration_seconds, Some(15));
-    assert!(spec.renew_time.is_some());
-    assert!(
-        spec.acquire_time.is_some(),
-        "a renewal keeps the acquire time"
-    );
-    assert!(
-        spec.renew_time > spec.acquire_time,
-        "renewed after the acquisition"
-    );
-    // Release clears the holder only for the holder.
-    b.release().await;
-    assert!(matches!(b.read().await, Read::Found(r) if r.holder.as_deref() == Some("a")));
-    a.release().await;
-    assert!(matches!(a.read().await, Read::Found(r) if r.holder.is_none()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,16 +1,13 @@
-//! Kubernetes Lease election with client-go semantics, decided by a pure state machine; the IO (GET,
-//! create, compare-and-swap update of `coordination.k8s.io/v1` Lease objects) lives at the edge.
-//!
-//! Written here rather than taken from a crate (ARCHITECTURE.md, "Decisions worth knowing"): the maintained crates either write
-//! without compare-and-swap or keep reporting leadership after API errors, and the relay's ordering
-//! guarantee depends on exactly these rules:
+//! The election itself: a pure state machine fed with what the Lease read returned and what a write
+//! answered, deciding the next write and whether this candidate may lead right now. No IO, no clock of its
+//! own (every call takes `now`), so the rules below are unit-tested and simulated over thousands of rounds:
 //! - a candidate takes over only after it has *observed* no change of the Lease for a full lease duration
 //!   on its own monotonic clock (the `renewTime` written by another machine's clock is never trusted);
 //! - every write is a compare-and-swap on `resourceVersion`; a conflict means "not leader";
-//! - the holder may publish only until `renew_deadline` after the send time of its last successful renew,
+//! - the holder may lead only until `renew_deadline` after the send time of its last successful renew,
 //!   which is earlier than anyone else may acquire (`lease_duration` > `renew_deadline`);
-//! - the epoch is `leaseTransitions` after acquisition, strictly increasing per takeover; the relay writes it
-//!   to `outbox.fence`, so a paused-then-resumed holder cannot commit.
+//! - the epoch is `leaseTransitions` after acquisition, strictly increasing per takeover, so a user can fence
+//!   with it (the relay writes it to `outbox.fence`; a paused-then-resumed holder cannot commit).
 
 use std::time::{Duration, Instant};
 
@@ -19,7 +16,7 @@ use std::time::{Duration, Instant};
 pub struct Timings {
     /// How long a Lease stays valid without renewal (default 15 s).
     pub lease_duration: Duration,
-    /// How long the holder keeps publishing without a successful renew (default 10 s).
+    /// How long the holder keeps leading without a successful renew (default 10 s).
     pub renew_deadline: Duration,
     /// Pause between attempts (default 2 s).
     pub retry_period: Duration,
@@ -151,8 +148,8 @@ impl Elector {
         (transitions + 1).max(self.floor + 1)
     }
 
-    /// When publishing must stop unless a renewal succeeds first (`None`: not leading).
-    pub fn publish_deadline(&self) -> Option<Instant> {
+    /// When leading must stop unless a renewal succeeds first (`None`: not leading).
+    pub fn lead_deadline(&self) -> Option<Instant> {
         self.leading
             .map(|(_, renewed)| renewed + self.timings.renew_deadline)
     }
@@ -167,9 +164,9 @@ impl Elector {
         &self.identity
     }
 
-    /// The epoch this candidate may publish with at `now`, if any: leading, and the last successful
+    /// The epoch this candidate may lead with at `now`, if any: leading, and the last successful
     /// renew was sent less than the renew deadline ago.
-    pub fn may_publish(&self, now: Instant) -> Option<i64> {
+    pub fn may_lead(&self, now: Instant) -> Option<i64> {
         let (epoch, renewed) = self.leading?;
         (now.saturating_duration_since(renewed) < self.timings.renew_deadline).then_some(epoch)
     }
@@ -274,7 +271,7 @@ impl Elector {
 
     /// Drops leadership once the renew deadline has passed.
     fn expire(&mut self, now: Instant) {
-        if self.leading.is_some() && self.may_publish(now).is_none() {
+        if self.leading.is_some() && self.may_lead(now).is_none() {
             self.leading = None;
         }
     }
@@ -325,7 +322,7 @@ mod tests {
             Step::Write(Write::Create { transitions: 0 })
         );
         e.written(&Written::Ok("1".into()));
-        assert_eq!(e.may_publish(t0), Some(0));
+        assert_eq!(e.may_lead(t0), Some(0));
         let t1 = t0 + Duration::from_secs(2);
         assert_eq!(
             e.observe(t1, &rec("a", 0, "1")),
@@ -336,9 +333,9 @@ mod tests {
             })
         );
         e.written(&Written::Ok("2".into()));
-        assert_eq!(e.may_publish(t1 + Duration::from_millis(9_999)), Some(0));
+        assert_eq!(e.may_lead(t1 + Duration::from_millis(9_999)), Some(0));
         assert_eq!(
-            e.may_publish(t1 + Duration::from_secs(10)),
+            e.may_lead(t1 + Duration::from_secs(10)),
             None,
             "renew deadline"
         );
@@ -367,7 +364,7 @@ mod tests {
             })
         );
         b.written(&Written::Ok("9".into()));
-        assert_eq!(b.may_publish(t1 + Duration::from_secs(15)), Some(4));
+        assert_eq!(b.may_lead(t1 + Duration::from_secs(15)), Some(4));
     }
 
     #[test]
@@ -382,21 +379,21 @@ mod tests {
             a.observe(now, &rec("a", 0, "1"));
             a.written(&Written::Error("timeout".into()));
         }
-        assert_eq!(a.may_publish(t0 + Duration::from_millis(9_999)), Some(0));
-        assert_eq!(a.may_publish(t0 + Duration::from_secs(10)), None);
+        assert_eq!(a.may_lead(t0 + Duration::from_millis(9_999)), Some(0));
+        assert_eq!(a.may_lead(t0 + Duration::from_secs(10)), None);
         // A read error after the deadline does not bring it back either.
         assert!(matches!(
             a.observe(t0 + Duration::from_secs(11), &Read::Error("503".into())),
             Step::Wait(_)
         ));
-        assert_eq!(a.may_publish(t0 + Duration::from_secs(11)), None);
+        assert_eq!(a.may_lead(t0 + Duration::from_secs(11)), None);
         // A conflict ends leadership at once.
         let mut b = Elector::new("b", Timings::default());
         b.observe(t0, &Read::Missing);
         b.written(&Written::Ok("1".into()));
         b.observe(t0 + Duration::from_secs(2), &rec("b", 0, "1"));
         b.written(&Written::Conflict);
-        assert_eq!(b.may_publish(t0 + Duration::from_secs(2)), None);
+        assert_eq!(b.may_lead(t0 + Duration::from_secs(2)), None);
     }
 
     #[test]
@@ -444,9 +441,9 @@ mod tests {
                 takeover: true
             })
         );
-        assert_eq!(c.publish_deadline(), None);
+        assert_eq!(c.lead_deadline(), None);
         c.written(&Written::Ok("10".into()));
-        assert_eq!(c.publish_deadline(), Some(t0 + Duration::from_secs(10)));
+        assert_eq!(c.lead_deadline(), Some(t0 + Duration::from_secs(10)));
     }
 
     /// A simulated API server, fence table and two or three candidates with skewed clocks, pauses,
@@ -564,9 +561,9 @@ mod tests {
                                 Written::Conflict
                             }
                         };
-                        let was_leading = c.e.may_publish(now).is_some();
+                        let was_leading = c.e.may_lead(now).is_some();
                         c.e.written(&result);
-                        if let (Some(epoch), false) = (c.e.may_publish(now), was_leading) {
+                        if let (Some(epoch), false) = (c.e.may_lead(now), was_leading) {
                             // Acquisition: the relay writes its epoch to the fence.
                             takeovers += 1;
                             if let Some(owner) = fence_owner.get(&epoch) {
@@ -581,7 +578,7 @@ mod tests {
                         }
                     }
                 }
-                if let Some(epoch) = c.e.may_publish(now) {
+                if let Some(epoch) = c.e.may_lead(now) {
                     publishing.push(i);
                     // A claim transaction commits only with the fence's epoch.
                     if epoch == fence {
