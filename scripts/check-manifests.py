@@ -144,9 +144,12 @@ def main():
     }
     if env.get("OPERATOR_RELAY_IMAGE") != "ghcr.io/outbox-operator/outbox-relay:0.1.0":
         fail(f"relay image passed to the operator: {env.get('OPERATOR_RELAY_IMAGE')}")
-    strategies = {d["spec"].get("strategy", {}).get("type") for d in docs if d["kind"] == "Deployment"}
-    if strategies != {"Recreate"}:
-        fail(f"operator Deployment strategy {strategies}: two operators without leader election would overlap")
+    operators = [d for d in docs if d["kind"] == "Deployment"]
+    strategies = {d["spec"].get("strategy", {}).get("type") for d in operators}
+    if strategies != {"RollingUpdate"} or any(d["spec"]["replicas"] != 2 for d in operators):
+        fail(f"operator Deployment strategy {strategies}: expected RollingUpdate with 2 leader-elected replicas")
+    if not {"POD_NAME", "POD_NAMESPACE"} <= set(env):
+        fail("the operator's identity and Lease namespace (POD_NAME, POD_NAMESPACE) are not passed down")
     if not any(p.endswith("NOTES.txt") for p in manifests):
         fail("NOTES.txt not rendered")
 
@@ -204,7 +207,7 @@ def main():
         ({"demo": {"api": {"nodePort": 8080}}}, "nodePort"),
         ({"image": {"pullPolicy": "Sometimes"}}, "pullPolicy"),
         ({"operator": {"logFormt": "json"}}, "logFormt"),
-        ({"operator": {"replicas": 2}}, "replicas"),
+        ({"operator": {"replicas": 4}}, "replicas"),
         ({"demo": {"postgres": {"password": "short"}}}, "password"),
         ({"demo": {"relay": {"replicas": 0}}}, "replicas"),
     ]:

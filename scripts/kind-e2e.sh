@@ -98,6 +98,20 @@ echo "leader now $now at epoch $(k get lease orders-relay -o jsonpath='{.spec.le
 ledger $((ORDERS * 2))
 [[ "$(psql_count "SELECT count(*) FROM outbox.events")" == 0 ]] || { echo "FAIL: events left pending"; exit 1; }
 
+step "delete the operator leader pod: the standby operator takes its Lease and reconciles"
+op=$(k get lease outbox-operator -o jsonpath='{.spec.holderIdentity}')
+echo "operator leader $op"
+k delete pod "$op" --wait=false
+for _ in $(seq 1 30); do
+  now=$(k get lease outbox-operator -o jsonpath='{.spec.holderIdentity}')
+  [[ -n "$now" && "$now" != "$op" ]] && break
+  sleep 2
+done
+[[ "$now" != "$op" ]] || { echo "FAIL: no new operator leader"; exit 1; }
+k scale cg pharmacy --replicas=2
+k wait --for=jsonpath='{.status.readyReplicas}'=2 cg/pharmacy --timeout=5m
+echo "operator leader now $now; it scaled pharmacy back to 2"
+
 step "uninstall"
 helm uninstall outbox-operator --namespace "$NS" --wait
 echo "kind-e2e passed"

@@ -71,7 +71,8 @@ impl ResourceLabel {
 /// Labels: an autoscaling decision's reason.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
-    /// `ScaleUp`, `ScaleDown`, `Steady`, ... (`operator::autoscale::Reason`).
+    /// An autoscaling decision (`ScaleUp`, `ScaleDown`, `Steady`, ...: `operator::autoscale::Reason`) or a
+    /// Lease write outcome (`ok`, `conflict`, `error`).
     pub reason: String,
 }
 
@@ -99,6 +100,10 @@ pub struct Metrics {
     pub relay_backlog: Family<ResourceLabel, Gauge>,
     /// Age of an OutboxRelay's oldest pending event, as its leader last reported it.
     pub relay_oldest_pending_age: Family<ResourceLabel, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 while this replica holds the leader Lease and reconciles (or runs without leader election).
+    pub leader: Gauge,
+    /// Leader Lease writes (acquire, renew) by outcome: `ok`, `conflict`, `error`.
+    pub lease_writes: Family<ReasonLabel, Counter>,
     /// Every resource with per-resource metrics, for [`Metrics::retain_resources`].
     known: Mutex<std::collections::HashSet<ResourceLabel>>,
 }
@@ -167,8 +172,22 @@ impl Default for Metrics {
             "Age of an OutboxRelay's oldest pending event, as its leader reported it",
             relay_oldest_pending_age.clone(),
         );
+        let leader = Gauge::default();
+        let lease_writes = Family::<ReasonLabel, Counter>::default();
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease and reconciles",
+            leader.clone(),
+        );
+        registry.register(
+            "lease_writes",
+            "Leader Lease writes (acquire, renew) by outcome",
+            lease_writes.clone(),
+        );
         Self {
             registry,
+            leader,
+            lease_writes,
             resource_ready,
             resource_paused,
             relay_backlog,

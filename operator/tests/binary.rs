@@ -31,6 +31,31 @@ async fn no_kubernetes_configuration_exits_2_naming_it() {
     );
 }
 
+#[tokio::test]
+async fn leader_lease_timings_that_do_not_nest_exit_2_naming_the_flags() {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-operator"))
+        .args([
+            "--http-addr",
+            "127.0.0.1:0",
+            "--lease-duration",
+            "5s",
+            "--renew-deadline",
+            "10s",
+        ])
+        .output()
+        .await
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let last = err.lines().last().unwrap_or_default();
+    assert!(
+        last.starts_with(
+            "outbox-operator: invalid --lease-duration/--renew-deadline/--retry-period"
+        ) && last.contains("lease duration must exceed the renew deadline"),
+        "{err}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn serves_probes_and_metrics_and_follows_changes() {
     let plane = common::plane();

@@ -156,9 +156,12 @@ async fn install_upgrade_and_uninstall_with_defaults() {
         }
         other => panic!("a bare pod must be refused under restricted, got {other:?}"),
     }
-    // ... and the operator's pod is admitted.
-    let pods = pods_admitted(&client, &ns, 1).await;
-    assert!(pods[0].starts_with("outbox-operator-"), "{pods:?}");
+    // ... and the operator's pods (two leader-elected replicas by default) are admitted.
+    let pods = pods_admitted(&client, &ns, 2).await;
+    assert!(
+        pods.iter().all(|p| p.starts_with("outbox-operator-")),
+        "{pods:?}"
+    );
 
     let upgraded = helm(
         "upgrade",
@@ -251,9 +254,9 @@ async fn the_demo_stack_runs_under_restricted_pod_security_and_becomes_ready() {
         .spawn()
         .unwrap();
 
-    // Pods: the operator (chart), PostgreSQL, the demo API, Kafka UI; from the operator: 2 relays,
-    // 2 pharmacy, 1 notification consumer. All admitted under `restricted`.
-    let pods = pods_admitted(&client, &ns, 9).await;
+    // Pods: the operator's two replicas (chart), PostgreSQL, the demo API, Kafka UI; from the operator:
+    // 2 relays, 2 pharmacy, 1 notification consumer. All admitted under `restricted`.
+    let pods = pods_admitted(&client, &ns, 10).await;
     for prefix in [
         "demo-outbox-operator-",
         "demo-outbox-operator-postgres-0",
@@ -333,8 +336,8 @@ async fn the_demo_with_its_own_kafka_is_admitted_under_restricted() {
     let values = json!({"demo": {"enabled": true, "api": {"nodePort": 30090}}});
     let installed = helm("install", "kafka-demo", &ns, &values, &plane.kubeconfig());
     all_exist(&client, installed["manifest"].as_array().unwrap()).await;
-    // No operator runs here: the chart's own pods only (operator, PostgreSQL, Kafka, demo API).
-    let pods = pods_admitted(&client, &ns, 4).await;
+    // No operator runs here: the chart's own pods only (two operator replicas, PostgreSQL, Kafka, demo API).
+    let pods = pods_admitted(&client, &ns, 5).await;
     assert!(
         pods.iter()
             .any(|p| p == "kafka-demo-outbox-operator-kafka-0"),
