@@ -9,7 +9,7 @@ use std::time::Duration;
 use clap::Args;
 use outbox::security::{merge_kafka_properties, DatabaseTlsArgs, KafkaSecurityArgs};
 use outbox::service::{
-    config_error, database_options, kafka_settings, shutdown_signal, wait_for_database,
+    config_error, database_options, kafka_settings, shutdown_signal, wait_for_database, LogFormat,
 };
 use outbox::SchemaName;
 use sqlx::postgres::PgPoolOptions;
@@ -86,6 +86,10 @@ pub struct ConsumerArgs {
     /// Apply the inbox (and handler) migrations at start-up.
     #[arg(long, env = "CONSUMER_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
+    /// Log format (the operator sets `json` on the pods it runs); pass it to
+    /// `outbox::service::init_logging`.
+    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
 }
 
 impl ConsumerArgs {

@@ -476,7 +476,6 @@ async fn run(args: RunArgs, opts: PgConnectOptions, schema: SchemaName) -> anyho
                     client,
                     &namespace,
                     name,
-                    instance.clone(),
                     metrics.clone(),
                     shutdown.clone(),
                 );

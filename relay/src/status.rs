@@ -1,5 +1,7 @@
-//! The leader's report into its `OutboxRelay` status: backlog, oldest pending age, leader and epoch. A JSON
-//! merge patch of the status subresource touches only these fields; the operator owns the conditions.
+//! The leader's report into its `OutboxRelay` status: backlog and oldest pending age, which only the relay
+//! knows. A JSON merge patch of the status subresource touches only these two fields: every other status
+//! field has one writer, the operator (which also reads `leader` and `leaseTransitions` from the Lease;
+//! ARCHITECTURE.md, "Who writes which status field").
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,11 +25,9 @@ pub fn outbox_relay_resource() -> ApiResource {
 }
 
 /// The status fields this relay reports, from its metrics.
-pub fn status_patch(metrics: &Metrics, identity: &str) -> serde_json::Value {
+pub fn status_patch(metrics: &Metrics) -> serde_json::Value {
     json!({
         "status": {
-            "leader": identity,
-            "leaseTransitions": metrics.lease_transitions.get(),
             "backlog": metrics.pending.get(),
             "oldestPendingAgeSeconds": metrics.oldest_pending_age_seconds.get(),
         }
@@ -44,9 +44,8 @@ pub async fn report(
     api: &Api<DynamicObject>,
     name: &str,
     metrics: &Metrics,
-    identity: &str,
 ) -> Result<(), kube::Error> {
-    let patch = status_patch(metrics, identity);
+    let patch = status_patch(metrics);
     api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch))
         .await
         .map(|_| ())
@@ -57,7 +56,6 @@ pub fn spawn_reporter(
     client: kube::Client,
     namespace: &str,
     name: String,
-    identity: String,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
@@ -72,7 +70,7 @@ pub fn spawn_reporter(
             if metrics.is_leader.get() != 1 {
                 continue;
             }
-            match report(&api, &name, &metrics, &identity).await {
+            match report(&api, &name, &metrics).await {
                 Ok(_) => failing = false,
                 Err(e) if !failing => {
                     tracing::warn!("cannot report to OutboxRelay `{name}` status: {e}");

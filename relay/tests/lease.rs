@@ -286,7 +286,7 @@ async fn lease_timings_that_do_not_nest_exit_2_naming_the_flags() {
 }
 
 #[tokio::test]
-async fn the_leaders_status_report_sets_its_fields_and_keeps_the_operators() {
+async fn the_leaders_status_report_sets_its_two_fields_and_leaves_the_operators_alone() {
     use kube::api::{Patch, PatchParams};
     use operator::crd::OutboxRelay;
     let (admin, ns) = real_client("status-report").await;
@@ -302,7 +302,8 @@ async fn the_leaders_status_report_sets_its_fields_and_keeps_the_operators() {
         .patch_status(
             "orders",
             &PatchParams::default(),
-            &Patch::Merge(serde_json::json!({"status": {"conditions": conditions}})),
+            &Patch::Merge(serde_json::json!({"status": {"conditions": conditions,
+                "leader": "relay-b", "leaseTransitions": 3}})),
         )
         .await
         .unwrap();
@@ -310,33 +311,22 @@ async fn the_leaders_status_report_sets_its_fields_and_keeps_the_operators() {
     metrics.pending.set(42);
     metrics.oldest_pending_age_seconds.set(3.5);
     metrics.lease_transitions.set(7);
-    relay::status::report(
-        &relay::status::api(client.clone(), &ns),
-        "orders",
-        &metrics,
-        "relay-a",
-    )
-    .await
-    .unwrap();
+    relay::status::report(&relay::status::api(client.clone(), &ns), "orders", &metrics)
+        .await
+        .unwrap();
     let status = typed.get("orders").await.unwrap().status.unwrap();
     assert_eq!(status.backlog, Some(42));
     assert_eq!(status.oldest_pending_age_seconds, Some(3.5));
-    assert_eq!(status.leader.as_deref(), Some("relay-a"));
-    assert_eq!(status.lease_transitions, Some(7));
+    // One writer per field: the leader and epoch stay what the operator read from the Lease.
+    assert_eq!(status.leader.as_deref(), Some("relay-b"));
+    assert_eq!(status.lease_transitions, Some(3));
     assert_eq!(
         serde_json::to_value(&status.conditions).unwrap(),
         conditions,
         "the operator's conditions stay"
     );
     // The Role names this relay's resource only: another OutboxRelay's status is refused.
-    match relay::status::report(
-        &relay::status::api(client, &ns),
-        "payments",
-        &metrics,
-        "relay-a",
-    )
-    .await
-    {
+    match relay::status::report(&relay::status::api(client, &ns), "payments", &metrics).await {
         Err(kube::Error::Api(e)) => assert_eq!(e.code, 403, "{e:?}"),
         other => panic!("another relay's status must be forbidden, got {other:?}"),
     }

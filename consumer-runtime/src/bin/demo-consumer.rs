@@ -3,7 +3,7 @@
 use clap::Parser;
 use consumer_runtime::cli::{serve, ConsumerArgs};
 use consumer_runtime::demo::{self, DemoHandler, Role};
-use outbox::service::{exit_code, init_logging, LogFormat};
+use outbox::service::{exit_code, init_logging};
 
 /// A demo consumer: writes one `demo.pharmacy_orders` or `demo.notifications` row per order.
 #[derive(Debug, Parser)]
@@ -12,16 +12,13 @@ struct Cli {
     /// Which service to be; also the default consumer group.
     #[arg(long, env = "DEMO_ROLE", value_enum)]
     role: Role,
-    /// Log format.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
-    log_format: LogFormat,
     #[command(flatten)]
     consumer: ConsumerArgs,
 }
 
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    init_logging(cli.log_format);
+    init_logging(cli.consumer.log_format);
     exit_code(
         "demo-consumer",
         serve(
