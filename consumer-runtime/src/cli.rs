@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
+use contract::env::{common, consumer};
 use outbox::security::{merge_kafka_properties, DatabaseTlsArgs, KafkaSecurityArgs};
 use outbox::service::{
     config_error, database_options, kafka_settings, shutdown_signal, wait_for_database, LogFormat,
@@ -23,24 +24,24 @@ use crate::{Handler, RetryPolicy, Runtime, RuntimeConfig};
 #[derive(Debug, Clone, Args)]
 pub struct ConsumerArgs {
     /// Consumer group id (also the inbox's group column).
-    #[arg(long, env = "CONSUMER_GROUP_ID")]
+    #[arg(long, env = consumer::GROUP_ID)]
     pub group_id: Option<String>,
     /// Topics to consume, comma-separated.
     #[arg(
         long,
-        env = "CONSUMER_TOPICS",
+        env = consumer::TOPICS,
         value_delimiter = ',',
         default_value = "orders"
     )]
     pub topics: Vec<String>,
     /// PostgreSQL URL of the database holding the inbox and the handler's tables.
-    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    #[arg(long, env = common::DATABASE_URL, hide_env_values = true)]
     pub database_url: Option<String>,
     /// Kafka bootstrap servers, `host:port[,host:port]`.
-    #[arg(long, env = "KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    #[arg(long, env = common::KAFKA_BOOTSTRAP, default_value = "127.0.0.1:9092")]
     pub brokers: String,
     /// Extra librdkafka properties, `key=value` (repeat or comma-separate), e.g. for SASL/TLS.
-    #[arg(long, env = "CONSUMER_KAFKA_CONFIG", value_delimiter = ',')]
+    #[arg(long, env = consumer::KAFKA_CONFIG, value_delimiter = ',')]
     pub kafka_config: Vec<String>,
     /// TLS and SASL to Kafka.
     #[command(flatten)]
@@ -71,24 +72,24 @@ pub struct ConsumerArgs {
     #[arg(long, env = "CONSUMER_REJOIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub rejoin_timeout: Duration,
     /// Schema of the inbox table.
-    #[arg(long, env = "CONSUMER_INBOX_SCHEMA", default_value = crate::inbox::DEFAULT_SCHEMA)]
+    #[arg(long, env = consumer::INBOX_SCHEMA, default_value = crate::inbox::DEFAULT_SCHEMA)]
     pub inbox_schema: String,
     /// Delete inbox rows older than this (keep it longer than the topic's retention.ms, or a replay
     /// older than the window would run effects again); `0s` keeps them forever.
     #[arg(long, env = "CONSUMER_INBOX_RETENTION", default_value = "14d", value_parser = humantime::parse_duration)]
     pub inbox_retention: Duration,
     /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "CONSUMER_HTTP_ADDR", default_value = "0.0.0.0:8080")]
+    #[arg(long, env = consumer::HTTP_ADDR, default_value = "0.0.0.0:8080")]
     pub http_addr: SocketAddr,
     /// Name of this instance in logs and as Kafka client id (default: host name and pid).
-    #[arg(long, env = "CONSUMER_INSTANCE_ID")]
+    #[arg(long, env = consumer::INSTANCE_ID)]
     pub instance_id: Option<String>,
     /// Apply the inbox (and handler) migrations at start-up.
     #[arg(long, env = "CONSUMER_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
     /// Log format (the operator sets `json` on the pods it runs); pass it to
     /// `outbox::service::init_logging`.
-    #[arg(long, env = "LOG_FORMAT", value_enum, default_value = "text")]
+    #[arg(long, env = common::LOG_FORMAT, value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
 

@@ -15,15 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::crd::AutoscalingSpec;
 
-/// One recommendation in the history: `replicas` from second `since` (Unix time) until the next entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
-#[serde(rename_all = "camelCase")]
-pub struct Recommendation {
-    /// Recommended replicas.
-    pub replicas: i32,
-    /// Unix time (seconds) from which it held.
-    pub since: i64,
-}
+pub use contract::crd::Recommendation;
 
 /// Why the decision is what it is (the metrics label and the status field).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]

@@ -18,11 +18,10 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, 
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 
+use contract::env::{common, consumer, relay};
+
 use crate::connection::{self, SecretUse};
-use crate::crd::{
-    ConsumerGroup, CoordinationMode, KafkaSpec, OutboxRelay, PoisonPolicy, Retention, SecretKeyRef,
-    Template,
-};
+use crate::crd::{ConsumerGroup, KafkaSpec, OutboxRelay, SecretKeyRef, Template};
 
 /// The one field manager of every server-side apply.
 pub const FIELD_MANAGER: &str = "outbox-operator";
@@ -161,7 +160,7 @@ fn env_field(name: &str, path: &str) -> EnvVar {
 }
 
 fn kafka_env(kafka: &KafkaSpec, config_var: &str) -> Vec<EnvVar> {
-    let mut v = vec![env("KAFKA_BOOTSTRAP", kafka.bootstrap.clone())];
+    let mut v = vec![env(common::KAFKA_BOOTSTRAP, kafka.bootstrap.clone())];
     if let Some(s) = &kafka.config_secret_ref {
         v.push(env_secret(config_var, s));
     }
@@ -489,57 +488,40 @@ fn relay_env(cr: &OutboxRelay) -> Vec<EnvVar> {
     let s = &cr.spec;
     let name = cr.metadata.name.clone().unwrap_or_default();
     let mut v = vec![
-        env_secret("DATABASE_URL", &s.database.secret_ref),
-        env("OUTBOX_SCHEMA", s.database.schema.clone()),
+        env_secret(common::DATABASE_URL, &s.database.secret_ref),
+        env(relay::OUTBOX_SCHEMA, s.database.schema.clone()),
     ];
     v.extend(connection::database_env(s.database.tls.as_ref()));
-    v.extend(kafka_env(&s.kafka, "RELAY_KAFKA_CONFIG"));
-    let mode = match s.coordination.mode {
-        CoordinationMode::Lease => "lease",
-        CoordinationMode::Single => "single",
-        CoordinationMode::Competing => "competing",
-    };
+    v.extend(kafka_env(&s.kafka, relay::KAFKA_CONFIG));
     v.extend([
-        env("RELAY_COORDINATION", mode),
-        env("RELAY_LEASE_NAME", relay_child_name(cr)),
+        env(relay::COORDINATION, s.coordination.mode.env_value()),
+        env(relay::LEASE_NAME, relay_child_name(cr)),
         env(
-            "RELAY_LEASE_DURATION",
+            relay::LEASE_DURATION,
             seconds(s.coordination.lease_duration_seconds),
         ),
         env(
-            "RELAY_RENEW_DEADLINE",
+            relay::RENEW_DEADLINE,
             seconds(s.coordination.renew_deadline_seconds),
         ),
         env(
-            "RELAY_RETRY_PERIOD",
+            relay::RETRY_PERIOD,
             seconds(s.coordination.retry_period_seconds),
         ),
-        env("RELAY_FENCE_SCOPE", name.clone()),
-        env("RELAY_STATUS_RESOURCE", name),
-        env("RELAY_STANDBY_READY", "true"),
-        env("RELAY_BATCH_SIZE", s.batch_size.to_string()),
-        env("RELAY_IN_FLIGHT_BATCHES", s.in_flight_batches.to_string()),
-        env("RELAY_POLL_INTERVAL", format!("{}ms", s.poll_interval_ms)),
-        env("RELAY_MAX_ATTEMPTS", s.max_attempts.to_string()),
-        env(
-            "RELAY_POISON",
-            match s.poison {
-                PoisonPolicy::ParkKey => "park-key",
-                PoisonPolicy::Skip => "skip",
-            },
-        ),
-        env("RELAY_DLQ", s.dlq.to_string()),
-        env(
-            "RELAY_RETENTION",
-            match s.retention {
-                Retention::Delete => "delete",
-                Retention::Archive => "archive",
-            },
-        ),
-        env("RELAY_HTTP_ADDR", format!("0.0.0.0:{METRICS_PORT}")),
-        env("LOG_FORMAT", "json"),
-        env_field("POD_NAME", "metadata.name"),
-        env_field("POD_NAMESPACE", "metadata.namespace"),
+        env(relay::FENCE_SCOPE, name.clone()),
+        env(relay::STATUS_RESOURCE, name),
+        env(relay::STANDBY_READY, "true"),
+        env(relay::BATCH_SIZE, s.batch_size.to_string()),
+        env(relay::IN_FLIGHT_BATCHES, s.in_flight_batches.to_string()),
+        env(relay::POLL_INTERVAL, format!("{}ms", s.poll_interval_ms)),
+        env(relay::MAX_ATTEMPTS, s.max_attempts.to_string()),
+        env(relay::POISON, s.poison.env_value()),
+        env(relay::DLQ, s.dlq.to_string()),
+        env(relay::RETENTION, s.retention.env_value()),
+        env(relay::HTTP_ADDR, format!("0.0.0.0:{METRICS_PORT}")),
+        env(common::LOG_FORMAT, "json"),
+        env_field(common::POD_NAME, "metadata.name"),
+        env_field(common::POD_NAMESPACE, "metadata.namespace"),
     ]);
     v
 }
@@ -764,24 +746,24 @@ pub struct ConsumerChildren {
 fn consumer_env(cr: &ConsumerGroup) -> Vec<EnvVar> {
     let s = &cr.spec;
     let mut v = vec![
-        env("CONSUMER_GROUP_ID", s.group_id.clone()),
+        env(consumer::GROUP_ID, s.group_id.clone()),
         env(
-            "CONSUMER_TOPICS",
+            consumer::TOPICS,
             s.topics
                 .iter()
                 .map(|t| t.name.as_str())
                 .collect::<Vec<_>>()
                 .join(","),
         ),
-        env_secret("DATABASE_URL", &s.database.secret_ref),
-        env("CONSUMER_INBOX_SCHEMA", s.database.schema.clone()),
+        env_secret(common::DATABASE_URL, &s.database.secret_ref),
+        env(consumer::INBOX_SCHEMA, s.database.schema.clone()),
     ];
     v.extend(connection::database_env(s.database.tls.as_ref()));
-    v.extend(kafka_env(&s.kafka, "CONSUMER_KAFKA_CONFIG"));
+    v.extend(kafka_env(&s.kafka, consumer::KAFKA_CONFIG));
     v.extend([
-        env("CONSUMER_HTTP_ADDR", format!("0.0.0.0:{METRICS_PORT}")),
-        env("LOG_FORMAT", "json"),
-        env_field("CONSUMER_INSTANCE_ID", "metadata.name"),
+        env(consumer::HTTP_ADDR, format!("0.0.0.0:{METRICS_PORT}")),
+        env(common::LOG_FORMAT, "json"),
+        env_field(consumer::INSTANCE_ID, "metadata.name"),
     ]);
     v
 }

@@ -25,6 +25,7 @@ use crate::producer::{KafkaSettings, Partitioning, Producer};
 use crate::relay::{wait_for_broker, Relay, RelayConfig};
 use crate::store::{idle_in_transaction_timeout, Retention};
 use crate::tools::{self, DeadSelector, ReplayFilter};
+use contract::env::{common, relay};
 use lease_election::{LeaseClient, Timings};
 
 /// `outbox-relay`: moves committed outbox events from PostgreSQL to Kafka.
@@ -36,7 +37,7 @@ pub struct Cli {
     /// Log format.
     #[arg(
         long,
-        env = "LOG_FORMAT",
+        env = common::LOG_FORMAT,
         value_enum,
         default_value = "text",
         global = true
@@ -49,10 +50,10 @@ pub struct Cli {
 #[derive(Debug, Args)]
 struct DbArgs {
     /// PostgreSQL URL of the database holding the outbox.
-    #[arg(long, env = "DATABASE_URL", global = true, hide_env_values = true)]
+    #[arg(long, env = common::DATABASE_URL, global = true, hide_env_values = true)]
     database_url: Option<String>,
     /// Outbox schema.
-    #[arg(long, env = "OUTBOX_SCHEMA", default_value = outbox::DEFAULT_SCHEMA, global = true)]
+    #[arg(long, env = relay::OUTBOX_SCHEMA, default_value = outbox::DEFAULT_SCHEMA, global = true)]
     schema: String,
     #[command(flatten)]
     tls: DatabaseTlsArgs,
@@ -61,12 +62,12 @@ struct DbArgs {
 #[derive(Debug, Args)]
 struct KafkaArgs {
     /// Kafka bootstrap servers, `host:port[,host:port...]`.
-    #[arg(long, env = "KAFKA_BOOTSTRAP")]
+    #[arg(long, env = common::KAFKA_BOOTSTRAP)]
     brokers: String,
     /// Extra librdkafka properties `key=value` (SASL, TLS...), repeatable or comma-separated.
     #[arg(
         long = "kafka-config",
-        env = "RELAY_KAFKA_CONFIG",
+        env = relay::KAFKA_CONFIG,
         value_delimiter = ','
     )]
     kafka_config: Vec<String>,
@@ -126,19 +127,19 @@ struct RunArgs {
     #[command(flatten)]
     kafka: KafkaArgs,
     /// Events claimed per transaction.
-    #[arg(long, env = "RELAY_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=50_000))]
+    #[arg(long, env = relay::BATCH_SIZE, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=50_000))]
     batch_size: i64,
     /// Batches claimed and sent before the oldest one is acknowledged (1: one at a time).
-    #[arg(long, env = "RELAY_IN_FLIGHT_BATCHES", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=8))]
+    #[arg(long, env = relay::IN_FLIGHT_BATCHES, default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..=8))]
     in_flight_batches: u16,
     /// Poll interval when the outbox is drained.
-    #[arg(long, env = "RELAY_POLL_INTERVAL", default_value = "500ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = relay::POLL_INTERVAL, default_value = "500ms", value_parser = humantime::parse_duration)]
     poll_interval: Duration,
     /// LISTEN for inserts (needs the trigger, see `migrate --notify-trigger`).
     #[arg(long, env = "RELAY_NOTIFY", default_value_t = true, action = clap::ArgAction::Set)]
     notify: bool,
     /// Attempts before an event is dead-lettered.
-    #[arg(long, env = "RELAY_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..))]
+    #[arg(long, env = relay::MAX_ATTEMPTS, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..))]
     max_attempts: i32,
     /// First retry delay; doubles per attempt, with jitter.
     #[arg(long, env = "RELAY_BACKOFF_BASE", default_value = "500ms", value_parser = humantime::parse_duration)]
@@ -147,56 +148,56 @@ struct RunArgs {
     #[arg(long, env = "RELAY_BACKOFF_MAX", default_value = "5m", value_parser = humantime::parse_duration)]
     backoff_max: Duration,
     /// What later events of a dead-lettered event's key do.
-    #[arg(long, env = "RELAY_POISON", value_enum, default_value = "park-key")]
+    #[arg(long, env = relay::POISON, value_enum, default_value = "park-key")]
     poison: PoisonPolicy,
     /// Also publish dead events to `<topic>.dlq`.
-    #[arg(long, env = "RELAY_DLQ", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = relay::DLQ, default_value_t = false, action = clap::ArgAction::Set)]
     dlq: bool,
     /// Delete delivered rows, or move them to the archive.
-    #[arg(long, env = "RELAY_RETENTION", value_enum, default_value = "delete")]
+    #[arg(long, env = relay::RETENTION, value_enum, default_value = "delete")]
     retention: RetentionMode,
     /// Days archived events are kept (whole day partitions are dropped).
     #[arg(long, env = "RELAY_ARCHIVE_TTL_DAYS", default_value_t = 7)]
     archive_ttl_days: u32,
     /// Coordination mode.
-    #[arg(long, env = "RELAY_COORDINATION", value_enum, default_value = "single")]
+    #[arg(long, env = relay::COORDINATION, value_enum, default_value = "single")]
     coordination: Coordination,
     /// Fencing scope shared by the relays of one outbox.
-    #[arg(long, env = "RELAY_FENCE_SCOPE", default_value = "default")]
+    #[arg(long, env = relay::FENCE_SCOPE, default_value = "default")]
     fence_scope: String,
     /// Lease name (lease mode).
-    #[arg(long, env = "RELAY_LEASE_NAME", default_value = "outbox-relay")]
+    #[arg(long, env = relay::LEASE_NAME, default_value = "outbox-relay")]
     lease_name: String,
     /// Lease namespace (lease mode); default: the pod's namespace or the kubeconfig's.
-    #[arg(long, env = "POD_NAMESPACE")]
+    #[arg(long, env = common::POD_NAMESPACE)]
     lease_namespace: Option<String>,
     /// How long the Lease stays valid without renewal (lease mode).
-    #[arg(long, env = "RELAY_LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = relay::LEASE_DURATION, default_value = "15s", value_parser = humantime::parse_duration)]
     lease_duration: Duration,
     /// The holder stops publishing when it could not renew for this long (lease mode).
-    #[arg(long, env = "RELAY_RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = relay::RENEW_DEADLINE, default_value = "10s", value_parser = humantime::parse_duration)]
     renew_deadline: Duration,
     /// Pause between Lease attempts (lease mode).
-    #[arg(long, env = "RELAY_RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = relay::RETRY_PERIOD, default_value = "2s", value_parser = humantime::parse_duration)]
     retry_period: Duration,
     /// OutboxRelay whose status the leader keeps up to date (backlog, oldest pending age, leader; lease
     /// mode, every 15 s).
-    #[arg(long, env = "RELAY_STATUS_RESOURCE")]
+    #[arg(long, env = relay::STATUS_RESOURCE)]
     status_resource: Option<String>,
     /// Report a healthy standby as ready on /readyz (Kubernetes: rolling updates need Ready standbys).
-    #[arg(long, env = "RELAY_STANDBY_READY", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = relay::STANDBY_READY, default_value_t = false, action = clap::ArgAction::Set)]
     standby_ready: bool,
     /// How often a standby retries the advisory lock.
     #[arg(long, env = "RELAY_LOCK_RETRY", default_value = "2s", value_parser = humantime::parse_duration)]
     lock_retry: Duration,
     /// Address of /healthz, /readyz and /metrics.
-    #[arg(long, env = "RELAY_HTTP_ADDR", default_value = "0.0.0.0:9090")]
+    #[arg(long, env = relay::HTTP_ADDR, default_value = "0.0.0.0:9090")]
     http_addr: SocketAddr,
     /// Apply migrations at startup.
     #[arg(long, env = "RELAY_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     migrate: bool,
     /// Name of this instance in logs and the fence table.
-    #[arg(long, env = "POD_NAME")]
+    #[arg(long, env = common::POD_NAME)]
     instance_id: Option<String>,
 }
 

@@ -6,7 +6,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use kube::api::{ApiResource, DynamicObject, GroupVersionKind, Patch, PatchParams};
+use contract::crd::OutboxRelay;
+use kube::api::{Patch, PatchParams};
 use kube::Api;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -16,32 +17,30 @@ use crate::metrics::Metrics;
 /// How often the leader reports (the operator promises at most 30 s old figures).
 pub const REPORT_EVERY: Duration = Duration::from_secs(15);
 
-/// The `outbox.dev/v1alpha1` OutboxRelay resource, without depending on the operator's types.
-pub fn outbox_relay_resource() -> ApiResource {
-    ApiResource::from_gvk_with_plural(
-        &GroupVersionKind::gvk("outbox.dev", "v1alpha1", "OutboxRelay"),
-        "outboxrelays",
-    )
-}
-
-/// The status fields this relay reports, from its metrics.
+/// The status fields this relay reports, from its metrics (a merge patch: the two fields only, named by
+/// the contract's typed status).
 pub fn status_patch(metrics: &Metrics) -> serde_json::Value {
-    json!({
-        "status": {
-            "backlog": metrics.pending.get(),
-            "oldestPendingAgeSeconds": metrics.oldest_pending_age_seconds.get(),
-        }
-    })
+    let status = contract::crd::OutboxRelayStatus {
+        backlog: Some(metrics.pending.get()),
+        oldest_pending_age_seconds: Some(metrics.oldest_pending_age_seconds.get()),
+        ..Default::default()
+    };
+    let mut fields = serde_json::to_value(&status).expect("status serializes");
+    // Keep only the relay's two fields: defaults of the others must not overwrite the operator's.
+    if let Some(map) = fields.as_object_mut() {
+        map.retain(|k, _| k == "backlog" || k == "oldestPendingAgeSeconds");
+    }
+    json!({ "status": fields })
 }
 
 /// The `OutboxRelay` API in `namespace`.
-pub fn api(client: kube::Client, namespace: &str) -> Api<DynamicObject> {
-    Api::namespaced_with(client, namespace, &outbox_relay_resource())
+pub fn api(client: kube::Client, namespace: &str) -> Api<OutboxRelay> {
+    Api::namespaced(client, namespace)
 }
 
 /// One report: a JSON merge patch of the status subresource (the operator's conditions stay untouched).
 pub async fn report(
-    api: &Api<DynamicObject>,
+    api: &Api<OutboxRelay>,
     name: &str,
     metrics: &Metrics,
 ) -> Result<(), kube::Error> {
@@ -59,7 +58,7 @@ pub fn spawn_reporter(
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) {
-    let api: Api<DynamicObject> = Api::namespaced_with(client, namespace, &outbox_relay_resource());
+    let api = self::api(client, namespace);
     tokio::spawn(async move {
         let mut failing = false;
         loop {

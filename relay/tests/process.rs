@@ -53,9 +53,9 @@ async fn sigkill_mid_stream_loses_nothing_and_duplicates_stay_within_the_batches
         ledger.records, ledger.distinct, ledger.duplicates
     );
     assert_eq!(ledger.distinct, 10_000, "nothing lost");
-    // The default pipeline keeps four batches awaiting acknowledgments plus one committing while the next
-    // is claimed: all five may be published again.
-    let in_flight = 5;
+    // The default pipeline keeps eight batches awaiting acknowledgments plus one committing while the next
+    // is claimed: all nine may be published again (README, Guarantees: depth + 1 batches).
+    let in_flight = 8 + 1;
     assert!(
         ledger.duplicates <= batch * in_flight,
         "duplicates ({}) come only from the unsettled batches",

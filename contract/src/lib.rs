@@ -1,0 +1,10 @@
+//! What the operator and the processes it runs agree on, in one place so that neither side can change it
+//! alone: [`crd`] — the `outbox.dev/v1alpha1` custom resources (spec and status types, group/version/kind,
+//! the generated CRD files) — and [`env`] — the environment variables the operator sets on relay and
+//! consumer pods and the values it renders into them.
+//!
+//! Who writes which status field is documented in ARCHITECTURE.md ("Who writes which status field").
+
+#[cfg(feature = "crd")]
+pub mod crd;
+pub mod env;
