@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use clap::Args;
 use contract::env::{common, consumer};
-use outbox::security::{merge_kafka_properties, DatabaseTlsArgs, KafkaSecurityArgs};
-use outbox::service::{
+use outbox::SchemaName;
+use process_kit::security::{merge_kafka_properties, DatabaseTlsArgs, KafkaSecurityArgs};
+use process_kit::service::{
     config_error, database_options, kafka_settings, shutdown_signal, wait_for_database, LogFormat,
 };
-use outbox::SchemaName;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
@@ -88,7 +88,7 @@ pub struct ConsumerArgs {
     #[arg(long, env = "CONSUMER_MIGRATE", default_value_t = true, action = clap::ArgAction::Set)]
     pub migrate: bool,
     /// Log format (the operator sets `json` on the pods it runs); pass it to
-    /// `outbox::service::init_logging`.
+    /// `process_kit::service::init_logging`.
     #[arg(long, env = common::LOG_FORMAT, value_enum, default_value = "text")]
     pub log_format: LogFormat,
 }
@@ -198,7 +198,7 @@ where
         health: runtime.health(),
         metrics,
     };
-    let addr = outbox::surfaces::serve(args.http_addr, Arc::new(surfaces), shutdown.clone())
+    let addr = process_kit::surfaces::serve(args.http_addr, Arc::new(surfaces), shutdown.clone())
         .await
         .map_err(|e| config_error("--http-addr", "CONSUMER_HTTP_ADDR", e))?;
     tracing::info!(group = %cfg.group_id, instance = %cfg.instance_id, "serving /healthz /readyz /metrics on http://{addr}");

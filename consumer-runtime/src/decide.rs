@@ -55,12 +55,9 @@ pub fn after_attempt(
 
 /// Exponential backoff with equal jitter, capped.
 pub fn backoff(attempt: u32, policy: &RetryPolicy, unit: f64) -> Duration {
-    let exp = attempt.saturating_sub(1).min(20);
-    let nominal = policy
-        .backoff_base
-        .saturating_mul(1 << exp)
-        .min(policy.backoff_max);
-    nominal / 2 + nominal.mul_f64(unit.clamp(0.0, 1.0) / 2.0)
+    let nominal =
+        process_kit::backoff::exponential(policy.backoff_base, policy.backoff_max, attempt);
+    process_kit::backoff::equal_jitter(nominal, unit)
 }
 
 #[cfg(test)]

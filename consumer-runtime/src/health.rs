@@ -3,7 +3,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use outbox::surfaces::Surface;
+use process_kit::surfaces::Surface;
 use serde::Serialize;
 
 use crate::metrics::Metrics;

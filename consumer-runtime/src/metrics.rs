@@ -132,7 +132,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Renders the OpenMetrics text format.
     pub fn render(&self) -> String {
-        outbox::surfaces::render(&self.registry)
+        process_kit::surfaces::render(&self.registry)
     }
 
     /// Replaces the lag series with `current`; partitions no longer owned disappear.

@@ -349,7 +349,7 @@ impl<H: Handler> Runtime<H> {
     pub async fn run(&self, shutdown: CancellationToken) -> anyhow::Result<()> {
         let monitors = shutdown.child_token();
         let health = self.health.clone();
-        tokio::spawn(outbox::service::watch_database(
+        tokio::spawn(process_kit::service::watch_database(
             self.pool.clone(),
             Duration::from_secs(2),
             monitors.clone(),

@@ -4,7 +4,7 @@
 //! every example to those parsers. Values are rendered from the CRD types ([`crate::crd`]'s `env_value`).
 //!
 //! The TLS and SASL variables (`DATABASE_CA_FILE`, `KAFKA_TLS`, `KAFKA_SASL_*`, ...) belong to the shared
-//! security flags in `outbox::security` and are covered by the same test.
+//! security flags in `process_kit::security` and are covered by the same test.
 
 /// Read by every process the operator runs.
 pub mod common {

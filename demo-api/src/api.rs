@@ -11,8 +11,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
-use outbox::surfaces::Surface;
 use outbox::{NewEvent, Outbox};
+use process_kit::surfaces::Surface;
 use serde_json::{json, Value};
 use sqlx::PgPool;
 use uuid::Uuid;
@@ -284,7 +284,7 @@ impl Surface for AppState {
 
 /// The whole API.
 pub fn router(s: AppState) -> Router {
-    let probes = outbox::surfaces::router(Arc::new(s.clone()));
+    let probes = process_kit::surfaces::router(Arc::new(s.clone()));
     Router::new()
         .route("/orders", post(create_order))
         .route("/orders/{id}", get(get_order))

@@ -7,11 +7,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
-use outbox::security::DatabaseTlsArgs;
-use outbox::service::{
+use outbox::{Outbox, SchemaName};
+use process_kit::security::DatabaseTlsArgs;
+use process_kit::service::{
     config_error, database_options, shutdown_signal, wait_for_database, LogFormat,
 };
-use outbox::{Outbox, SchemaName};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 
@@ -128,7 +128,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
     let database_up = Arc::new(AtomicBool::new(true));
     let up = database_up.clone();
-    tokio::spawn(outbox::service::watch_database(
+    tokio::spawn(process_kit::service::watch_database(
         pool.clone(),
         Duration::from_secs(2),
         shutdown.clone(),
@@ -154,7 +154,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             "DEMO_ALLOW_CRASH is set: POST /orders?crash=after-commit exits the process"
         );
     }
-    let addr = outbox::surfaces::serve_router(cli.http_addr, router(state), shutdown.clone())
+    let addr = process_kit::surfaces::serve_router(cli.http_addr, router(state), shutdown.clone())
         .await
         .map_err(|e| config_error("--http-addr", "DEMO_API_ADDR", e))?;
     tracing::info!("demo-api listening on http://{addr}");

@@ -57,7 +57,7 @@ impl Default for Metrics {
 impl Metrics {
     /// OpenMetrics text.
     pub fn render(&self) -> String {
-        outbox::surfaces::render(&self.registry)
+        process_kit::surfaces::render(&self.registry)
     }
 
     /// Counts a rejected write.

@@ -42,10 +42,13 @@ async fn start() -> Api {
         database_up: Arc::new(AtomicBool::new(true)),
     };
     let stop = CancellationToken::new();
-    let addr =
-        outbox::surfaces::serve_router(([127, 0, 0, 1], 0).into(), router(state), stop.clone())
-            .await
-            .unwrap();
+    let addr = process_kit::surfaces::serve_router(
+        ([127, 0, 0, 1], 0).into(),
+        router(state),
+        stop.clone(),
+    )
+    .await
+    .unwrap();
     Api {
         base: format!("http://{addr}"),
         pool: db.pool.clone(),

@@ -15,8 +15,8 @@ use clap::Parser;
 use kube::api::ListParams;
 use kube::Api;
 use lease_election::{Candidate, LeaseClient, Observer, Timings};
-use outbox::service::{config_error, exit_code, init_logging, shutdown_signal, LogFormat};
-use outbox::surfaces::Surface;
+use process_kit::service::{config_error, exit_code, init_logging, shutdown_signal, LogFormat};
+use process_kit::surfaces::Surface;
 
 use crate::crd::{ConsumerGroup, OutboxRelay};
 use crate::metrics::Metrics;
@@ -142,7 +142,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let metrics = Arc::new(Metrics::default());
     let ready = Arc::new(AtomicBool::new(false));
     let leader = Arc::new(AtomicBool::new(false));
-    let addr = outbox::surfaces::serve(
+    let addr = process_kit::surfaces::serve(
         args.http_addr,
         Arc::new(Surfaces {
             ready: ready.clone(),

@@ -1,6 +1,6 @@
 //! How the pods reach Kafka and PostgreSQL securely, from `kafka.tls`, `kafka.authentication` and
 //! `database.tls` (pure): the Secret keys a pod reads (as env or as files under [`SECRETS_DIR`]), the
-//! environment naming those files (the flags of `outbox::security`), and the librdkafka properties of the
+//! environment naming those files (the flags of `process_kit::security`), and the librdkafka properties of the
 //! operator's own topic admin, which reads the same keys through the API instead of a mount.
 
 use std::collections::BTreeMap;

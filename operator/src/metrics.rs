@@ -206,7 +206,7 @@ impl Default for Metrics {
 impl Metrics {
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
-        outbox::surfaces::render(&self.registry)
+        process_kit::surfaces::render(&self.registry)
     }
 
     /// Records whether a resource is Ready and whether it is paused.
@@ -253,8 +253,7 @@ impl Metrics {
 
 /// Delay before retrying an object that failed `failures` times in a row: 1 s doubling to 5 min.
 pub fn backoff_delay(failures: u32) -> Duration {
-    let secs = 1u64 << failures.saturating_sub(1).min(9);
-    Duration::from_secs(secs.min(300))
+    process_kit::backoff::exponential(Duration::from_secs(1), Duration::from_secs(300), failures)
 }
 
 /// Consecutive failures per object (`kind/namespace/name`); a success resets the count.

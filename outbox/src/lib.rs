@@ -23,12 +23,6 @@ mod error;
 mod event;
 mod publish;
 mod schema;
-#[cfg(feature = "surfaces")]
-pub mod security;
-#[cfg(feature = "surfaces")]
-pub mod service;
-#[cfg(feature = "surfaces")]
-pub mod surfaces;
 mod trace;
 pub mod validate;
 

@@ -8,12 +8,12 @@ use std::time::Duration;
 use anyhow::Context;
 use chrono::{DateTime, Utc};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use outbox::security::{merge_kafka_properties, DatabaseTlsArgs, KafkaSecurityArgs};
-use outbox::service::{
+use outbox::SchemaName;
+use process_kit::security::{merge_kafka_properties, DatabaseTlsArgs, KafkaSecurityArgs};
+use process_kit::service::{
     config_error, database_options, exit_code, init_logging, shutdown_signal, wait_for_database,
     LogFormat,
 };
-use outbox::SchemaName;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::coordinator::{Competing, Coordinator, SingleLock};
@@ -292,7 +292,7 @@ fn db_options(db: &DbArgs) -> anyhow::Result<(PgConnectOptions, SchemaName)> {
 
 /// Validates broker and extra-property settings (pure; exposed for tests).
 pub fn parse_kafka(brokers: &str, extra: &[String]) -> anyhow::Result<Vec<(String, String)>> {
-    outbox::service::kafka_settings(
+    process_kit::service::kafka_settings(
         brokers,
         ("--brokers", "KAFKA_BOOTSTRAP"),
         extra,

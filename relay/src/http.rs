@@ -1,10 +1,10 @@
-//! `/healthz`, `/readyz`, `/metrics` of the relay (served by [`outbox::surfaces`]).
+//! `/healthz`, `/readyz`, `/metrics` of the relay (served by [`process_kit::surfaces`]).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use axum::Router;
-use outbox::surfaces::{self, Surface};
+use process_kit::surfaces::{self, Surface};
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;

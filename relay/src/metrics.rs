@@ -215,6 +215,6 @@ impl Metrics {
 
     /// Renders the Prometheus text format.
     pub fn render(&self) -> String {
-        outbox::surfaces::render(&self.registry)
+        process_kit::surfaces::render(&self.registry)
     }
 }

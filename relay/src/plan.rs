@@ -163,12 +163,9 @@ pub fn parked_keys(
 /// Exponential backoff with "equal jitter": half fixed, half random, so retries of many events spread
 /// out but never come back sooner than half the nominal delay. `unit` is a random number in [0, 1).
 pub fn backoff(attempts_so_far: i32, policy: &RetryPolicy, unit: f64) -> Duration {
-    let exp = attempts_so_far.clamp(0, 30) as u32;
-    let nominal = policy
-        .backoff_base
-        .saturating_mul(1u32 << exp.min(20))
-        .min(policy.backoff_max);
-    nominal / 2 + nominal.mul_f64(unit.clamp(0.0, 1.0) / 2.0)
+    let retry = attempts_so_far.max(0) as u32 + 1;
+    let nominal = process_kit::backoff::exponential(policy.backoff_base, policy.backoff_max, retry);
+    process_kit::backoff::equal_jitter(nominal, unit)
 }
 
 /// How the settle transaction treats one event.

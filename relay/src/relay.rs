@@ -409,8 +409,11 @@ impl Relay {
                     if is_missing_partition(&e) {
                         self.maintain_archive().await;
                     }
-                    let wait = Duration::from_millis(100 * 2u64.pow(errors.min(6)))
-                        .min(Duration::from_secs(5));
+                    let wait = process_kit::backoff::exponential(
+                        Duration::from_millis(200),
+                        Duration::from_secs(5),
+                        errors,
+                    );
                     tracing::warn!("batch failed (database: {e}); its events stay pending; retrying in {wait:?}");
                     wait
                 }
@@ -649,7 +652,7 @@ impl Relay {
         tokio::spawn(async move {
             let mut last_backlog = Instant::now() - Duration::from_secs(60);
             while !shutdown.is_cancelled() {
-                let db_up = outbox::service::database_answers(&me.pool).await;
+                let db_up = process_kit::service::database_answers(&me.pool).await;
                 me.health.set_database(db_up);
                 me.metrics.database_up.set(db_up as i64);
                 let broker_up = me.producer.probe(Duration::from_secs(2)).await.is_ok();
@@ -706,7 +709,8 @@ fn is_missing_partition(e: &sqlx::Error) -> bool {
         .is_some_and(|c| c == "23514")
 }
 
-/// Waits until a broker answers, like [`outbox::service::wait_for_database`].
+/// Waits until a broker answers, like [`process_kit::service::wait_for_database`].
 pub async fn wait_for_broker(producer: &Producer, shutdown: &CancellationToken) -> bool {
-    outbox::service::retry_until("kafka", shutdown, || producer.probe(Duration::from_secs(3))).await
+    process_kit::service::retry_until("kafka", shutdown, || producer.probe(Duration::from_secs(3)))
+        .await
 }

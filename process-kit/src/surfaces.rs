@@ -1,4 +1,4 @@
-//! `/healthz`, `/readyz` and `/metrics` for every process of the product (feature `surfaces`).
+//! `/healthz`, `/readyz` and `/metrics` for every process of the product.
 //!
 //! Each process says what "ready" means and renders its own metrics; this module serves them the same
 //! way everywhere, so probes, dashboards and scripts need to know one shape only.

@@ -1,5 +1,5 @@
-//! TLS and SASL for the product's PostgreSQL and Kafka clients, from flags that name mounted files (feature
-//! `surfaces`). The same flags and environment variables in every process (relay, consumers, demo API); the
+//! TLS and SASL for the product's PostgreSQL (feature `database`) and Kafka clients, from flags that name
+//! mounted files. The same flags and environment variables in every process (relay, consumers, demo API); the
 //! operator sets them when a resource has `kafka.tls`, `kafka.authentication` or `database.tls`.
 //!
 //! Files, not values: the operator mounts the referenced Secrets read-only, so no credential is in the pod's
@@ -7,10 +7,12 @@
 
 use std::path::{Path, PathBuf};
 
+#[cfg(feature = "database")]
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
 use crate::service::config_error;
 
+#[cfg(feature = "database")]
 /// TLS to PostgreSQL. With a CA file the connection is `verify-full`: the server's certificate must be
 /// signed by that CA and name the host connected to.
 #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
@@ -26,6 +28,7 @@ pub struct DatabaseTlsArgs {
     pub database_key_file: Option<PathBuf>,
 }
 
+#[cfg(feature = "database")]
 impl DatabaseTlsArgs {
     /// `opts` with these settings; a file that cannot be read, or a certificate without its key, is a
     /// [`ConfigError`](crate::service::ConfigError) naming the flag.
@@ -406,6 +409,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "database")]
     fn database_tls_needs_cert_and_key_together_and_readable_files() {
         let dir = tempfile::tempdir().unwrap();
         let base = PgConnectOptions::new();

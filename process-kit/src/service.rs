@@ -1,8 +1,11 @@
-//! What every long-running process of the product does the same way (feature `surfaces`): one-line
-//! configuration errors with exit code 2, logs on stderr (text or JSON), and SIGTERM/SIGINT handling.
+//! What every long-running process of the product does the same way: one-line configuration errors with
+//! exit code 2, logs on stderr (text or JSON) and trace export, SIGTERM/SIGINT handling, checked Kafka
+//! settings, and (feature `database`) the PostgreSQL URL, the wait for the database and its probe.
 
+#[cfg(feature = "database")]
 use std::str::FromStr;
 
+#[cfg(feature = "database")]
 use sqlx::postgres::PgConnectOptions;
 use tokio_util::sync::CancellationToken;
 
@@ -160,6 +163,7 @@ pub fn shutdown_signal() -> CancellationToken {
     token
 }
 
+#[cfg(feature = "database")]
 /// Parses a PostgreSQL URL from `flag`/`env`; a missing or malformed one is a [`ConfigError`].
 pub fn database_options(
     url: Option<&str>,
@@ -214,6 +218,7 @@ pub fn kafka_settings(
         .collect()
 }
 
+#[cfg(feature = "database")]
 /// Waits until the database answers, logging one line per failed attempt with growing backoff.
 /// `false` when `shutdown` fired first. Probes with a direct connection: a pool would retry silently
 /// until its acquire timeout.
@@ -226,6 +231,7 @@ pub async fn wait_for_database(opts: &PgConnectOptions, shutdown: &CancellationT
     .await
 }
 
+#[cfg(feature = "database")]
 /// Whether the database answers `SELECT 1` within two seconds (readiness probes).
 pub async fn database_answers(pool: &sqlx::PgPool) -> bool {
     tokio::time::timeout(
@@ -236,6 +242,7 @@ pub async fn database_answers(pool: &sqlx::PgPool) -> bool {
     .is_ok_and(|r| r.is_ok())
 }
 
+#[cfg(feature = "database")]
 /// Reports [`database_answers`] to `report` every `every` until `stop`.
 pub async fn watch_database(
     pool: sqlx::PgPool,
@@ -270,8 +277,11 @@ where
             return true;
         };
         attempt += 1;
-        let wait = std::time::Duration::from_millis(500 * 2u64.pow((attempt - 1).min(6)))
-            .min(std::time::Duration::from_secs(30));
+        let wait = crate::backoff::exponential(
+            std::time::Duration::from_millis(500),
+            std::time::Duration::from_secs(30),
+            attempt,
+        );
         tracing::warn!("{what} unreachable (attempt {attempt}): {e}; retrying in {wait:?}");
         tokio::select! {
             _ = shutdown.cancelled() => return false,
@@ -285,7 +295,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn bad_settings_name_the_flag_and_the_env_var() {
+    #[cfg(feature = "database")]
+    fn bad_database_urls_name_the_flag_and_the_env_var() {
         let e = database_options(Some("mysql://x"), "--database-url", "DATABASE_URL").unwrap_err();
         assert_eq!(
             e.to_string(),
@@ -295,6 +306,10 @@ mod tests {
             .unwrap_err()
             .to_string()
             .ends_with("is required"));
+    }
+
+    #[test]
+    fn bad_kafka_settings_name_the_flag_and_the_env_var() {
         let b = ("--brokers", "KAFKA_BOOTSTRAP");
         let x = ("--kafka-config", "KAFKA_CONFIG");
         assert!(kafka_settings("localhost", b, &[], x)
