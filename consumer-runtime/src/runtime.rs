@@ -259,12 +259,15 @@ impl<H: Handler> Runtime<H> {
             topic = %msg.topic,
             partition = msg.partition,
             event_id = %msg.event_id,
+            trace_id = tracing::field::Empty,
         );
         if let Some(sc) = msg
             .headers
             .get("traceparent")
             .and_then(|h| outbox::parse_traceparent(h))
         {
+            // The event's trace, in every log line of its handling (also when traces are not exported).
+            span.record("trace_id", sc.trace_id().to_string());
             let parent = opentelemetry::Context::new().with_remote_span_context(sc);
             // Fails only when no OpenTelemetry layer is installed (traces off): nothing to continue then.
             let _ = tracing_opentelemetry::OpenTelemetrySpanExt::set_parent(&span, parent);

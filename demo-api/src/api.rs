@@ -156,13 +156,14 @@ fn crash_after_commit(q: &HashMap<String, String>, allowed: bool) -> Result<bool
 
 // A span per request: with trace export on, the event's `traceparent` (written in the same transaction)
 // names it, so the relay and the consumers continue this trace.
-#[tracing::instrument(name = "POST /orders", skip_all)]
+#[tracing::instrument(name = "POST /orders", skip_all, fields(trace_id = tracing::field::Empty))]
 async fn create_order(
     State(s): State<AppState>,
     Query(q): Query<HashMap<String, String>>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
+    process_kit::trace_id::record_trace_id(&tracing::Span::current());
     let r = async {
         let crash = crash_after_commit(&q, s.allow_crash)?;
         let order = parse_order(&json_body(&headers, &body)?).map_err(ApiError::invalid)?;

@@ -334,9 +334,10 @@ fn previous_conditions(status: Option<&[Condition]>) -> Vec<Condition> {
 #[tracing::instrument(
     name = "reconcile",
     skip_all,
-    fields(kind = "OutboxRelay", namespace = obr.metadata.namespace.as_deref().unwrap_or_default(), name = obr.metadata.name.as_deref().unwrap_or_default(), generation = obr.metadata.generation)
+    fields(kind = "OutboxRelay", namespace = obr.metadata.namespace.as_deref().unwrap_or_default(), name = obr.metadata.name.as_deref().unwrap_or_default(), generation = obr.metadata.generation, trace_id = tracing::field::Empty)
 )]
 pub async fn reconcile_relay(obr: Arc<OutboxRelay>, ctx: Arc<Context>) -> Result<Action, Error> {
+    process_kit::trace_id::record_trace_id(&tracing::Span::current());
     let result = instrumented(obr.as_ref(), &ctx, relay_inner(&obr, &ctx)).await;
     if let Err(e) = &result {
         let previous = obr.status.as_ref().map(|s| s.conditions.as_slice());
@@ -538,12 +539,13 @@ fn admin_props(kafka: &KafkaSpec, data: &SecretData) -> Result<Vec<(String, Stri
 #[tracing::instrument(
     name = "reconcile",
     skip_all,
-    fields(kind = "ConsumerGroup", namespace = cg.metadata.namespace.as_deref().unwrap_or_default(), name = cg.metadata.name.as_deref().unwrap_or_default(), generation = cg.metadata.generation)
+    fields(kind = "ConsumerGroup", namespace = cg.metadata.namespace.as_deref().unwrap_or_default(), name = cg.metadata.name.as_deref().unwrap_or_default(), generation = cg.metadata.generation, trace_id = tracing::field::Empty)
 )]
 pub async fn reconcile_consumer(
     cg: Arc<ConsumerGroup>,
     ctx: Arc<Context>,
 ) -> Result<Action, Error> {
+    process_kit::trace_id::record_trace_id(&tracing::Span::current());
     let result = instrumented(cg.as_ref(), &ctx, consumer_inner(&cg, &ctx)).await;
     if let Err(e) = &result {
         let previous = cg.status.as_ref().map(|s| s.conditions.as_slice());

@@ -2,7 +2,8 @@
 //! operator — so that each behaves the same way to whoever runs it:
 //! [`service`] (one-line configuration errors and exit code 2, logging and trace export, SIGTERM/SIGINT,
 //! checked Kafka settings, the database wait), [`surfaces`] (`/healthz`, `/readyz`, `/metrics`),
-//! [`security`] (the TLS/SASL flags naming mounted files) and [`backoff`] (the one backoff curve).
+//! [`security`] (the TLS/SASL flags naming mounted files), [`backoff`] (the one backoff curve) and
+//! [`trace_id`] (trace ids in log lines).
 //!
 //! Feature `database` (sqlx) adds what only processes with a database need; the operator builds without it.
 
@@ -10,3 +11,4 @@ pub mod backoff;
 pub mod security;
 pub mod service;
 pub mod surfaces;
+pub mod trace_id;

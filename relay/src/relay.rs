@@ -676,7 +676,12 @@ impl Relay {
 /// One span per non-empty batch (an empty poll exports nothing), linked to the trace of every event it
 /// carries: a batch serves many traces, so it is their link, not their child.
 fn batch_span(batch: &InFlight, epoch: Option<i64>) -> tracing::Span {
-    let span = tracing::info_span!("relay.batch", events = batch.batch.len(), epoch);
+    let span = tracing::info_span!(
+        "relay.batch",
+        events = batch.batch.len(),
+        epoch,
+        trace_id = tracing::field::Empty
+    );
     for ev in &batch.batch {
         if let Some(sc) = ev.headers["traceparent"]
             .as_str()
@@ -685,6 +690,7 @@ fn batch_span(batch: &InFlight, epoch: Option<i64>) -> tracing::Span {
             tracing_opentelemetry::OpenTelemetrySpanExt::add_link(&span, sc);
         }
     }
+    process_kit::trace_id::record_trace_id(&span);
     span
 }
 
