@@ -56,7 +56,7 @@ soak: build
 FUZZ_SECONDS ?= 60
 fuzz: setup
 	@mkdir -p target
-	bash -o pipefail -c 'FUZZ_SECONDS=$(FUZZ_SECONDS) cargo test --locked -p outbox -p consumer-runtime -p demo-api \
+	bash -o pipefail -c 'FUZZ_SECONDS=$(FUZZ_SECONDS) cargo test --locked -p outbox -p consumer-runtime -p demo-consumer -p demo-api \
 	  -p operator --test fuzz -- --nocapture --test-threads 1 2>&1 | tee target/fuzz.log | grep -oE "fuzz .* inputs in .*|panicked.*|minimal input|replay|test result"'
 	@awk '/fuzz .* inputs in/ {n += $$(NF-7); s += $$(NF-4)} END {printf "fuzz: %d inputs in %.0f s over all targets, no failure\n", n, s}' target/fuzz.log
 

@@ -10,7 +10,6 @@
 pub mod cli;
 pub mod continuity;
 pub mod decide;
-pub mod demo;
 pub mod health;
 pub mod inbox;
 pub mod membership;

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
-use crate::{Handler, HandlerError, Message};
+use consumer_runtime::{Handler, HandlerError, Message};
 
 /// Schema of the demo consumers' tables.
 pub const SCHEMA: &str = "demo";

@@ -2,7 +2,7 @@
 
 use clap::Parser;
 use consumer_runtime::cli::{serve, ConsumerArgs};
-use consumer_runtime::demo::{self, DemoHandler, Role};
+use demo_consumer::{self as demo, DemoHandler, Role};
 use process_kit::service::{exit_code, init_logging};
 
 /// A demo consumer: writes one `demo.pharmacy_orders` or `demo.notifications` row per order.
