@@ -7,7 +7,7 @@ use k8s_openapi::jiff::Timestamp;
 
 /// What a reconcile concluded about an object.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Health {
+pub enum Outcome {
     /// Everything as specified.
     Ready,
     /// Converging (rollout, pods starting): will get there without help.
@@ -64,12 +64,12 @@ fn keep_transition(mut c: Condition, previous: &[Condition]) -> Condition {
 /// The conditions after a reconcile with outcome `health` at `generation`.
 pub fn compute(
     previous: &[Condition],
-    health: &Health,
+    health: &Outcome,
     generation: Option<i64>,
     now: Timestamp,
 ) -> Vec<Condition> {
     let mut out = match health {
-        Health::Ready => vec![condition(
+        Outcome::Ready => vec![condition(
             READY,
             true,
             "Reconciled",
@@ -77,11 +77,11 @@ pub fn compute(
             generation,
             now,
         )],
-        Health::Progressing { message } => vec![
+        Outcome::Progressing { message } => vec![
             condition(READY, false, "Progressing", message, generation, now),
             condition(RECONCILING, true, "Progressing", message, generation, now),
         ],
-        Health::Stalled { reason, message } => vec![
+        Outcome::Stalled { reason, message } => vec![
             condition(READY, false, reason, message, generation, now),
             condition(STALLED, true, reason, message, generation, now),
         ],
@@ -128,7 +128,7 @@ mod tests {
 
     #[test]
     fn ready_alone_when_healthy() {
-        let c = compute(&[], &Health::Ready, Some(3), at(10));
+        let c = compute(&[], &Outcome::Ready, Some(3), at(10));
         assert_eq!(c.len(), 1);
         assert_eq!(c[0].type_, READY);
         assert_eq!(c[0].status, "True");
@@ -139,7 +139,7 @@ mod tests {
     fn abnormal_conditions_appear_only_while_true() {
         let p = compute(
             &[],
-            &Health::Progressing {
+            &Outcome::Progressing {
                 message: "1/2 pods ready".into(),
             },
             Some(1),
@@ -150,7 +150,7 @@ mod tests {
         assert!(find(&p, STALLED).is_none());
         let s = compute(
             &p,
-            &Health::Stalled {
+            &Outcome::Stalled {
                 reason: "NotSupported".into(),
                 message: "never decrease".into(),
             },
@@ -160,7 +160,7 @@ mod tests {
         assert_eq!(find(&s, READY).unwrap().reason, "NotSupported");
         assert_eq!(find(&s, STALLED).unwrap().status, "True");
         assert!(find(&s, RECONCILING).is_none());
-        let r = compute(&s, &Health::Ready, Some(2), at(30));
+        let r = compute(&s, &Outcome::Ready, Some(2), at(30));
         assert!(find(&r, STALLED).is_none());
     }
 
@@ -168,7 +168,7 @@ mod tests {
     fn transition_time_moves_only_with_the_status() {
         let a = compute(
             &[],
-            &Health::Progressing {
+            &Outcome::Progressing {
                 message: "x".into(),
             },
             Some(1),
@@ -176,7 +176,7 @@ mod tests {
         );
         let b = compute(
             &a,
-            &Health::Stalled {
+            &Outcome::Stalled {
                 reason: "KafkaError".into(),
                 message: "y".into(),
             },
@@ -188,13 +188,13 @@ mod tests {
             Time(at(10)),
             "still False"
         );
-        let c = compute(&b, &Health::Ready, Some(1), at(30));
+        let c = compute(&b, &Outcome::Ready, Some(1), at(30));
         assert_eq!(find(&c, READY).unwrap().last_transition_time, Time(at(30)));
     }
 
     #[test]
     fn paused_keeps_the_rest_and_says_so() {
-        let a = compute(&[], &Health::Ready, Some(1), at(10));
+        let a = compute(&[], &Outcome::Ready, Some(1), at(10));
         let p = paused(&a, Some(2), at(20));
         assert_eq!(find(&p, READY).unwrap().status, "True");
         let c = find(&p, PAUSED).unwrap();
@@ -202,7 +202,7 @@ mod tests {
         assert!(c.message.contains("outbox.dev/paused"));
         assert_eq!(paused(&p, Some(2), at(30)).len(), 2, "no duplicate Paused");
         assert!(
-            find(&compute(&p, &Health::Ready, Some(2), at(40)), PAUSED).is_none(),
+            find(&compute(&p, &Outcome::Ready, Some(2), at(40)), PAUSED).is_none(),
             "gone once resumed"
         );
     }

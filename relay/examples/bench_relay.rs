@@ -17,10 +17,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use outbox::{NewEvent, SchemaName};
+use relay::decide::{PoisonPolicy, RetryPolicy};
 use relay::event::ClaimedEvent;
 use relay::health::Health;
 use relay::metrics::Metrics;
-use relay::plan::{PoisonPolicy, RetryPolicy};
 use relay::producer::{KafkaSettings, Partitioning, Producer};
 use relay::store::{Retention, Store};
 use relay::{Relay, RelayConfig};
@@ -288,7 +288,7 @@ async fn limit_kafka(brokers: &str) -> anyhow::Result<Figures> {
     let (machine_cores, cpu) = meter.stop();
     let acked = outcomes
         .iter()
-        .filter(|(d, _)| matches!(d, relay::plan::Delivery::Acked { .. }))
+        .filter(|(d, _)| matches!(d, relay::decide::Delivery::Acked { .. }))
         .count();
     anyhow::ensure!(acked == EVENTS, "raw produce acked {acked} of {EVENTS}");
     Ok(Figures {

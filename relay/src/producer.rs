@@ -13,9 +13,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::ClientContext;
 
+use crate::decide::{DeadReason, Delivery};
 use crate::event::ClaimedEvent;
 use crate::health::Health;
-use crate::plan::{DeadReason, Delivery};
 
 /// How records are assigned to partitions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

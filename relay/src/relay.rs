@@ -10,9 +10,9 @@ use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::coordinator::{Coordinator, Leadership};
+use crate::decide::{self, RetryPolicy, Settle, TopicKey};
 use crate::health::{Health, Role};
 use crate::metrics::{Metrics, Reason};
-use crate::plan::{self, RetryPolicy, Settle, TopicKey};
 use crate::producer::Producer;
 use crate::retention;
 use crate::store::{Retention, Store, StoreError};
@@ -73,7 +73,7 @@ struct InFlight {
     tx: sqlx::Transaction<'static, sqlx::Postgres>,
     batch: Vec<crate::event::ClaimedEvent>,
     deliveries: tokio::task::JoinHandle<Vec<crate::producer::Outcome>>,
-    /// Keys this batch parks (see [`plan::parked_keys`]).
+    /// Keys this batch parks (see [`decide::parked_keys`]).
     parked: HashSet<TopicKey>,
 }
 
@@ -501,8 +501,9 @@ impl Relay {
         }
         self.metrics.batch_size.observe(batch.len() as f64);
         let poison = self.cfg.retry.poison;
-        let slots = plan::prepare_after(&batch, self.cfg.max_message_bytes, poison, parked_before);
-        let parked = plan::parked_keys(&batch, &slots, poison);
+        let slots =
+            decide::prepare_after(&batch, self.cfg.max_message_bytes, poison, parked_before);
+        let parked = decide::parked_keys(&batch, &slots, poison);
         let deliveries = self.producer.enqueue_all(&batch, slots).await;
         Ok(Some(InFlight {
             tx,
@@ -545,14 +546,14 @@ impl Relay {
         })
     }
 
-    /// What happens to each event of an acknowledged batch (pure; see [`plan::settle_after`]).
+    /// What happens to each event of an acknowledged batch (pure; see [`decide::settle_after`]).
     fn settle_plan(
         &self,
         acked: &Acknowledged,
         failed_before: &HashSet<TopicKey>,
-    ) -> plan::SettlePlan {
+    ) -> decide::SettlePlan {
         let deliveries: Vec<_> = acked.outcomes.iter().map(|(d, _)| d.clone()).collect();
-        plan::settle_after(
+        decide::settle_after(
             &acked.batch,
             &deliveries,
             &self.cfg.retry,
@@ -566,7 +567,7 @@ impl Relay {
     async fn commit_settle(
         &self,
         acked: Acknowledged,
-        settle_plan: plan::SettlePlan,
+        settle_plan: decide::SettlePlan,
     ) -> Result<(BatchReport, HashSet<TopicKey>), StoreError> {
         let Acknowledged {
             mut tx,
@@ -580,7 +581,7 @@ impl Relay {
         };
         for (ev, (delivery, at)) in batch.iter().zip(&outcomes) {
             match delivery {
-                plan::Delivery::Acked { .. } => {
+                decide::Delivery::Acked { .. } => {
                     let secs =
                         (*at - ev.created_at).num_microseconds().unwrap_or(0).max(0) as f64 / 1e6;
                     self.metrics.commit_to_ack_seconds.observe(secs);
@@ -588,13 +589,13 @@ impl Relay {
                         observe(secs);
                     }
                 }
-                plan::Delivery::Failed { code, .. } => {
+                decide::Delivery::Failed { code, .. } => {
                     self.metrics
                         .failures
                         .get_or_create(&Reason::of(code.clone()))
                         .inc();
                 }
-                plan::Delivery::Withheld => {}
+                decide::Delivery::Withheld => {}
             }
         }
         for action in &settle_plan.actions {

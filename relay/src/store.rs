@@ -6,8 +6,8 @@ use std::time::Duration;
 use outbox::SchemaName;
 use sqlx::{PgPool, Postgres, Transaction};
 
+use crate::decide::Settle;
 use crate::event::ClaimedEvent;
-use crate::plan::Settle;
 
 /// What the relay does with delivered rows.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -6,8 +6,8 @@ use serde::Serialize;
 use sqlx::PgPool;
 use uuid::Uuid;
 
+use crate::decide::Delivery;
 use crate::event::ClaimedEvent;
-use crate::plan::Delivery;
 use crate::producer::Producer;
 
 /// Which archived events to replay.

@@ -4,7 +4,7 @@ mod common;
 
 use common::*;
 use outbox::SchemaName;
-use relay::plan::PoisonPolicy;
+use relay::decide::PoisonPolicy;
 use relay::store::Retention;
 use relay::tools::{self, DeadSelector, ReplayFilter};
 use test_support::kafka::mock_cluster;

@@ -205,8 +205,8 @@ fn every_relay_setting_away_from_its_default_reaches_the_relay() {
     );
     assert_eq!(run.get_one::<i32>("max_attempts"), Some(&4));
     assert_eq!(
-        run.get_one::<relay::plan::PoisonPolicy>("poison"),
-        Some(&relay::plan::PoisonPolicy::Skip)
+        run.get_one::<relay::decide::PoisonPolicy>("poison"),
+        Some(&relay::decide::PoisonPolicy::Skip)
     );
     assert_eq!(run.get_one::<bool>("dlq"), Some(&true));
     assert_eq!(

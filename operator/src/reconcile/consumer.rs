@@ -234,10 +234,10 @@ pub(super) async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<
             .get_or_create(&crate::metrics::GroupLabel::of(cg))
             .set(l);
     }
-    let health = if plan.refused.is_empty() {
+    let outcome = if plan.refused.is_empty() {
         rollout(&dep, plan.effective_replicas)
     } else {
-        Health::Stalled {
+        Outcome::Stalled {
             reason: "NotSupported".into(),
             message: plan
                 .refused
@@ -247,7 +247,7 @@ pub(super) async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<
                 .join("; "),
         }
     };
-    let c = conditions::compute(&previous, &health, generation, Timestamp::now());
+    let c = conditions::compute(&previous, &outcome, generation, Timestamp::now());
     let dep_status = dep.status.unwrap_or_default();
     let selector = plan::selector_string(&plan::selector_labels("consumer", &cg.name_any()));
     let partitions: BTreeMap<String, i32> = plan.partitions.clone();

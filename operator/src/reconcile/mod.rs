@@ -24,7 +24,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::json;
 
-use crate::conditions::{self, Health};
+use crate::conditions::{self, Outcome};
 use crate::connection::{self, SecretData, SecretUse};
 use crate::crd::{ConsumerGroup, DeletionPolicy, KafkaSpec, OutboxRelay};
 use crate::metrics::{Backoff, FailureLabel, KindLabel, Metrics, ResourceLabel};
@@ -231,16 +231,16 @@ pub fn error_policy<K: Resource<DynamicType = ()>>(
     Action::requeue(delay)
 }
 
-pub(super) fn rollout(dep: &Deployment, want: i32) -> Health {
+pub(super) fn rollout(dep: &Deployment, want: i32) -> Outcome {
     let ready = dep
         .status
         .as_ref()
         .and_then(|s| s.ready_replicas)
         .unwrap_or(0);
     if ready >= want {
-        Health::Ready
+        Outcome::Ready
     } else {
-        Health::Progressing {
+        Outcome::Progressing {
             message: format!("{ready}/{want} pods ready"),
         }
     }
@@ -265,13 +265,13 @@ pub(super) async fn surface_forbidden<K: Namespaced>(
     if status.code != 403 {
         return;
     }
-    let health = Health::Stalled {
+    let outcome = Outcome::Stalled {
         reason: "Forbidden".into(),
         message: status.message.clone(),
     };
     let c = conditions::compute(
         &previous_conditions(previous),
-        &health,
+        &outcome,
         obj.meta().generation,
         Timestamp::now(),
     );
@@ -290,7 +290,7 @@ pub(super) async fn stalled<K: Namespaced>(
     reason: &str,
     message: String,
 ) -> Result<(), Error> {
-    let h = Health::Stalled {
+    let h = Outcome::Stalled {
         reason: reason.into(),
         message,
     };

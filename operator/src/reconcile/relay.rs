@@ -32,7 +32,7 @@ pub(super) async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Acti
     let children = match plan::desired_relay(obr, &ctx.defaults) {
         Ok(c) => c,
         Err(e) => {
-            let h = Health::Stalled {
+            let h = Outcome::Stalled {
                 reason: "InvalidSpec".into(),
                 message: e.to_string(),
             };
@@ -83,8 +83,8 @@ pub(super) async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Acti
             st.oldest_pending_age_seconds,
         );
     }
-    let health = rollout(&dep, obr.spec.replicas);
-    let c = conditions::compute(&previous, &health, generation, now);
+    let outcome = rollout(&dep, obr.spec.replicas);
+    let c = conditions::compute(&previous, &outcome, generation, now);
     let mut status = json!({ "conditions": c, "observedGeneration": generation });
     if let Some(l) = lease {
         status["leader"] = json!(l.holder_identity);

@@ -21,10 +21,10 @@ use process_kit::service::{
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 
 use crate::coordinator::{Competing, Coordinator, SingleLock};
+use crate::decide::{PoisonPolicy, RetryPolicy};
 use crate::health::Health;
 use crate::kube_lease::LeaseCoordinator;
 use crate::metrics::Metrics;
-use crate::plan::{PoisonPolicy, RetryPolicy};
 use crate::producer::{KafkaSettings, Partitioning, Producer};
 use crate::relay::{wait_for_broker, Relay, RelayConfig};
 use crate::store::{idle_in_transaction_timeout, Retention};

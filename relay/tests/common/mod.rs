@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use outbox::{NewEvent, SchemaName};
 use relay::coordinator::Competing;
+use relay::decide::{PoisonPolicy, RetryPolicy};
 use relay::health::Health;
 use relay::metrics::Metrics;
-use relay::plan::{PoisonPolicy, RetryPolicy};
 use relay::producer::{KafkaSettings, Partitioning, Producer};
 use relay::store::Retention;
 use relay::{Relay, RelayConfig};
