@@ -186,6 +186,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tokio::time::sleep(std::time::Duration::from_secs(5)).await;
         }
     });
+    let identity = args.identity.clone().unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "outbox-operator".into());
+        format!("{host}-{}", std::process::id())
+    });
     let ctx = Arc::new(Context {
         namespace: args.namespace.clone(),
         ..Context::new(
@@ -195,6 +199,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             },
             metrics.clone(),
         )
+        .reporting_as(&identity)
     });
     if !args.leader_election {
         tracing::warn!("leader election off: this replica reconciles without asking; run only one");
@@ -204,10 +209,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!("stopped");
         return Ok(());
     }
-    let identity = args.identity.clone().unwrap_or_else(|| {
-        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "outbox-operator".into());
-        format!("{host}-{}", std::process::id())
-    });
     let lease = format!("{lease_namespace}/{}", args.leader_election_lease);
     let mut candidate = Candidate::new(
         LeaseClient::new(

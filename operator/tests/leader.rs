@@ -43,7 +43,9 @@ impl Replica {
             ])
             .env("KUBECONFIG", kubeconfig)
             .env_remove("KUBERNETES_SERVICE_HOST")
-            .env("POD_NAME", name)
+            // The identity by flag, not POD_NAME: the Events must carry it all the same.
+            .args(["--identity", name])
+            .env_remove("POD_NAME")
             .env("POD_NAMESPACE", common::OPERATOR_NS)
             // Error level only: stderr is a pipe read at exit, and must not fill up meanwhile.
             .env("RUST_LOG", "error")

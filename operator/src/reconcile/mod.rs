@@ -155,6 +155,17 @@ impl Context {
         }
     }
 
+    /// Writes Events naming `instance` as their reporting instance (the replica's identity in the leader
+    /// Lease), instead of `POD_NAME`.
+    pub fn reporting_as(mut self, instance: &str) -> Self {
+        let reporter = kube::runtime::events::Reporter {
+            controller: FIELD_MANAGER.into(),
+            instance: Some(instance.into()),
+        };
+        self.recorder = Recorder::new(self.client.clone(), reporter);
+        self
+    }
+
     async fn event<K: Resource<DynamicType = ()>>(
         &self,
         obj: &K,
