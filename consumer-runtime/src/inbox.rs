@@ -26,18 +26,12 @@ pub async fn migrate(
 #[derive(Debug, Clone)]
 pub struct Inbox {
     schema: SchemaName,
-    record_sql: String,
     record_all_sql: String,
 }
 
 impl Inbox {
     /// Statements for `schema`.
     pub fn new(schema: SchemaName) -> Self {
-        let record_sql = format!(
-            "INSERT INTO {} (group_id, event_id, topic, \"partition\", \"offset\") VALUES ($1, $2, $3, $4, $5) \
-             ON CONFLICT (group_id, event_id) DO NOTHING",
-            schema.table("inbox")
-        );
         let record_all_sql = format!(
             "INSERT INTO {} (group_id, event_id, topic, \"partition\", \"offset\") \
              SELECT $1, e, $2, $3, o FROM UNNEST($4::uuid[], $5::bigint[]) AS u(e, o) \
@@ -46,31 +40,13 @@ impl Inbox {
         );
         Self {
             schema,
-            record_sql,
             record_all_sql,
         }
     }
 
-    /// Records `msg` for `group` in the caller's transaction. `false` when it was already processed.
-    pub async fn record(
-        &self,
-        conn: &mut PgConnection,
-        group: &str,
-        msg: &Message,
-    ) -> Result<bool, sqlx::Error> {
-        let r = sqlx::query(&self.record_sql)
-            .bind(group)
-            .bind(msg.event_id)
-            .bind(&msg.topic)
-            .bind(msg.partition)
-            .bind(msg.offset)
-            .execute(conn)
-            .await?;
-        Ok(r.rows_affected() == 1)
-    }
-
-    /// Records a run of messages from one partition in one statement. Returns the event ids that were
-    /// new (the others were processed before, or appear twice in the run).
+    /// Records a run of messages from one partition (one message, or many) in the caller's transaction, in
+    /// one statement. Returns the event ids that were new (the others were processed before, or appear
+    /// twice in the run).
     pub async fn record_all(
         &self,
         conn: &mut PgConnection,

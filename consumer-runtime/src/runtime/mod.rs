@@ -123,14 +123,6 @@ enum Ended {
     Stalled,
 }
 
-/// How one attempt at a single event ended.
-enum Attempt {
-    /// The inbox already had it: skipped.
-    Duplicate,
-    /// The handler ran; effects committed on `Ok`, rolled back on `Err`.
-    Handled(Result<(), HandlerError>),
-}
-
 /// A partition paused and rewound: the event at `offset` comes back after `delay`.
 struct Rewind {
     offset: i64,

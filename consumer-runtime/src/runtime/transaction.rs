@@ -1,6 +1,6 @@
 //! The runtime's database side: runs of a partition's records in one transaction (inbox rows, then the
-//! handler for each new event), the replay one event per transaction after a failure, and the decision
-//! (retry, DLQ) for each event.
+//! handler for each new event), the replay one event per transaction after a failure (the same
+//! transaction path with a run of one), and the decision (retry, DLQ) for each event.
 
 use super::*;
 
@@ -205,8 +205,9 @@ impl<H: Handler> Runtime<H> {
         self.rewind(consumer, slot, offset, d, None)
     }
 
-    /// One transaction for a run: one inbox statement, then the handler for each new event. On a
-    /// handler failure everything is rolled back and the failed event's index and error returned.
+    /// One transaction for a run (one record or more): one inbox statement, then the handler for each new
+    /// event. On a handler failure everything is rolled back and the failed event's index and error
+    /// returned.
     pub(super) async fn attempt_run(
         &self,
         slot: &Slot,
@@ -268,17 +269,15 @@ impl<H: Handler> Runtime<H> {
     ) -> Option<Rewind> {
         let next = match decode(m) {
             Err(undecodable) => Next::DeadLetter(undecodable.to_string()),
-            Ok(msg) => match self.attempt(&msg).await {
-                Ok(Attempt::Duplicate) => {
-                    self.committed(&[], 1);
-                    Next::Done
+            Ok(msg) => {
+                let slot = (m.topic().to_owned(), m.partition());
+                match self.attempt_run(&slot, std::slice::from_ref(&msg)).await {
+                    // Handled and committed, or a duplicate the inbox skipped.
+                    Ok(None) => self.decide(&msg, Ok(()), attempt),
+                    Ok(Some((_, error))) => self.decide(&msg, Err(error), attempt),
+                    Err(e) => return Some(self.database_error(consumer, &slot, m.offset(), &e)),
                 }
-                Ok(Attempt::Handled(result)) => self.decide(&msg, result, attempt),
-                Err(e) => {
-                    let slot = (m.topic().to_owned(), m.partition());
-                    return Some(self.database_error(consumer, &slot, m.offset(), &e));
-                }
-            },
+            }
         };
         self.conclude(consumer, m, next, attempt).await
     }
@@ -337,27 +336,5 @@ impl<H: Handler> Runtime<H> {
         }
         self.store_offset(consumer, &slot, offset);
         None
-    }
-
-    /// One try: inbox row first; only a new event runs the handler, in the same transaction.
-    pub(super) async fn attempt(&self, msg: &Message) -> Result<Attempt, sqlx::Error> {
-        let mut tx = self.pool.begin().await?;
-        if !self.inbox.record(&mut tx, &self.cfg.group_id, msg).await? {
-            tx.rollback().await?;
-            return Ok(Attempt::Duplicate);
-        }
-        let started = Instant::now();
-        let result = self.handle_in_span(msg, &mut tx).await;
-        self.metrics
-            .handler_seconds
-            .observe(started.elapsed().as_secs_f64());
-        match result {
-            Ok(()) => {
-                tx.commit().await?;
-                self.committed(&[started], 1);
-            }
-            Err(_) => tx.rollback().await?,
-        }
-        Ok(Attempt::Handled(result))
     }
 }
