@@ -3,8 +3,11 @@
 //! the generated CRD files) — and [`env`] — the environment variables the operator sets on relay and
 //! consumer pods and the values it renders into them.
 //!
-//! Who writes which status field is documented in ARCHITECTURE.md ("Who writes which status field").
+//! Who writes which status field is [`status`]: a type per writer (and ARCHITECTURE.md, "Who writes which
+//! status field").
 
 #[cfg(feature = "crd")]
 pub mod crd;
 pub mod env;
+#[cfg(feature = "crd")]
+pub mod status;

@@ -1,7 +1,7 @@
 //! The leader's report into its `OutboxRelay` status: backlog and oldest pending age, which only the relay
 //! knows. A JSON merge patch of the status subresource touches only these two fields: every other status
 //! field has one writer, the operator (which also reads `leader` and `leaseTransitions` from the Lease;
-//! ARCHITECTURE.md, "Who writes which status field").
+//! `contract::status`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +9,6 @@ use std::time::Duration;
 use contract::crd::OutboxRelay;
 use kube::api::{Patch, PatchParams};
 use kube::Api;
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::Metrics;
@@ -17,20 +16,13 @@ use crate::metrics::Metrics;
 /// How often the leader reports (the operator promises at most 30 s old figures).
 pub const REPORT_EVERY: Duration = Duration::from_secs(15);
 
-/// The status fields this relay reports, from its metrics (a merge patch: the two fields only, named by
-/// the contract's typed status).
+/// The status fields this relay reports, from its metrics: a merge patch of the relay's own fields
+/// ([`contract::status::RelayByRelay`]), so the operator's stay untouched.
 pub fn status_patch(metrics: &Metrics) -> serde_json::Value {
-    let status = contract::crd::OutboxRelayStatus {
-        backlog: Some(metrics.pending.get()),
-        oldest_pending_age_seconds: Some(metrics.oldest_pending_age_seconds.get()),
-        ..Default::default()
-    };
-    let mut fields = serde_json::to_value(&status).expect("status serializes");
-    // Keep only the relay's two fields: defaults of the others must not overwrite the operator's.
-    if let Some(map) = fields.as_object_mut() {
-        map.retain(|k, _| k == "backlog" || k == "oldestPendingAgeSeconds");
-    }
-    json!({ "status": fields })
+    contract::status::merge_patch(&contract::status::RelayByRelay {
+        backlog: metrics.pending.get(),
+        oldest_pending_age_seconds: metrics.oldest_pending_age_seconds.get(),
+    })
 }
 
 /// The `OutboxRelay` API in `namespace`.

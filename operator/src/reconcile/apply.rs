@@ -33,16 +33,18 @@ where
     }
 }
 
-/// Patches the status and records the object's state (Ready, Paused) in the metrics.
+/// Patches the operator's status fields (a JSON merge patch of a [`contract::status`] type: fields it
+/// leaves out stay as they are) and records the object's state (Ready, Paused) in the metrics.
 pub(super) async fn patch_status<K>(
     ctx: &Context,
     obj: &K,
-    status: serde_json::Value,
+    fields: &impl Serialize,
 ) -> Result<(), kube::Error>
 where
     K: Namespaced,
 {
-    if let Some(c) = status.get("conditions") {
+    let patch = contract::status::merge_patch(fields);
+    if let Some(c) = patch["status"].get("conditions") {
         let is_true = |t: &str| {
             c.as_array()
                 .is_some_and(|a| a.iter().any(|c| c["type"] == t && c["status"] == "True"))
@@ -54,7 +56,7 @@ where
     api.patch_status(
         &obj.name_any(),
         &PatchParams::default(),
-        &Patch::Merge(json!({ "status": status })),
+        &Patch::Merge(patch),
     )
     .await?;
     Ok(())

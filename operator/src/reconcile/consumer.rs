@@ -114,7 +114,7 @@ pub(super) async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<
     }
     if plan::is_paused(cg) {
         let c = conditions::paused(&previous, generation, Timestamp::now());
-        patch_status(ctx, cg, json!({ "conditions": c })).await?;
+        patch_status(ctx, cg, &verdict(c, None)).await?;
         return Ok(Action::await_change());
     }
     if let Err(e) = plan::validate_consumer(cg) {
@@ -251,22 +251,17 @@ pub(super) async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<
     let dep_status = dep.status.unwrap_or_default();
     let selector = plan::selector_string(&plan::selector_labels("consumer", &cg.name_any()));
     let partitions: BTreeMap<String, i32> = plan.partitions.clone();
-    patch_status(
-        ctx,
-        cg,
-        json!({
-            "conditions": c,
-            "observedGeneration": generation,
-            "replicas": dep_status.replicas.unwrap_or(0),
-            "readyReplicas": dep_status.ready_replicas.unwrap_or(0),
-            "selector": selector,
-            "partitions": partitions,
-            "totalPartitions": partitions.values().sum::<i32>(),
-            "lag": lag,
-            "autoscaling": autoscaling_status,
-        }),
-    )
-    .await?;
+    let status = GroupByOperator {
+        verdict: verdict(c, generation),
+        replicas: dep_status.replicas.unwrap_or(0),
+        ready_replicas: dep_status.ready_replicas.unwrap_or(0),
+        selector,
+        total_partitions: partitions.values().sum::<i32>(),
+        partitions,
+        lag,
+        autoscaling: autoscaling_status,
+    };
+    patch_status(ctx, cg, &status).await?;
     Ok(Action::requeue(match &cg.spec.autoscaling {
         Some(a) => Duration::from_secs(a.poll_interval_seconds.max(1) as u64).min(ctx.refresh),
         None => ctx.refresh,

@@ -24,6 +24,8 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use serde_json::json;
 
+use contract::status::{GroupByOperator, RelayByOperator, Verdict};
+
 use crate::conditions::{self, Outcome};
 use crate::connection::{self, SecretData, SecretUse};
 use crate::crd::{ConsumerGroup, DeletionPolicy, KafkaSpec, OutboxRelay};
@@ -287,7 +289,7 @@ pub(super) async fn surface_forbidden<K: Namespaced>(
         Timestamp::now(),
     );
     // Best effort: the status itself may be what is forbidden; the event and the log still say it.
-    if let Err(e) = patch_status(ctx, obj, json!({ "conditions": c })).await {
+    if let Err(e) = patch_status(ctx, obj, &verdict(c, None)).await {
         tracing::warn!("cannot write the Forbidden condition: {e}");
     }
     ctx.event(obj, true, "Forbidden", status.message.clone())
@@ -307,13 +309,16 @@ pub(super) async fn stalled<K: Namespaced>(
     };
     let generation = cg.meta().generation;
     let c = conditions::compute(previous, &h, generation, Timestamp::now());
-    patch_status(
-        ctx,
-        cg,
-        json!({ "conditions": c, "observedGeneration": generation }),
-    )
-    .await?;
+    patch_status(ctx, cg, &verdict(c, generation)).await?;
     Ok(())
+}
+
+/// The operator's conditions for `generation` (`None` leaves the recorded generation as it is).
+pub(super) fn verdict(conditions: Vec<Condition>, generation: Option<i64>) -> Verdict {
+    Verdict {
+        conditions,
+        observed_generation: generation,
+    }
 }
 
 /// Runs both controllers until SIGTERM/SIGINT. `namespace`: watch one namespace, or all.

@@ -26,7 +26,7 @@ pub(super) async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Acti
     let now = Timestamp::now();
     if plan::is_paused(obr) {
         let c = conditions::paused(&previous, generation, now);
-        patch_status(ctx, obr, json!({ "conditions": c })).await?;
+        patch_status(ctx, obr, &verdict(c, None)).await?;
         return Ok(Action::await_change());
     }
     let children = match plan::desired_relay(obr, &ctx.defaults) {
@@ -37,12 +37,7 @@ pub(super) async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Acti
                 message: e.to_string(),
             };
             let c = conditions::compute(&previous, &h, generation, now);
-            patch_status(
-                ctx,
-                obr,
-                json!({ "conditions": c, "observedGeneration": generation }),
-            )
-            .await?;
+            patch_status(ctx, obr, &verdict(c, generation)).await?;
             ctx.event(obr, true, "InvalidSpec", e.to_string()).await;
             return Ok(Action::await_change());
         }
@@ -85,11 +80,11 @@ pub(super) async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Acti
     }
     let outcome = rollout(&dep, obr.spec.replicas);
     let c = conditions::compute(&previous, &outcome, generation, now);
-    let mut status = json!({ "conditions": c, "observedGeneration": generation });
-    if let Some(l) = lease {
-        status["leader"] = json!(l.holder_identity);
-        status["leaseTransitions"] = json!(l.lease_transitions);
-    }
-    patch_status(ctx, obr, status).await?;
+    let status = RelayByOperator {
+        verdict: verdict(c, generation),
+        leader: lease.as_ref().map(|l| l.holder_identity.clone()),
+        lease_transitions: lease.as_ref().map(|l| l.lease_transitions),
+    };
+    patch_status(ctx, obr, &status).await?;
     Ok(Action::requeue(ctx.refresh))
 }
