@@ -9,5 +9,7 @@
 #[cfg(feature = "crd")]
 pub mod crd;
 pub mod env;
+#[cfg(feature = "fixtures")]
+pub mod fixtures;
 #[cfg(feature = "crd")]
 pub mod status;

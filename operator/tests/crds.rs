@@ -1,9 +1,7 @@
 //! The generated CRDs: up to date in `crds/`, the names and subresources users rely on, and every CEL
 //! rule evaluated client-side.
 
-use operator::crd::{
-    crd_files, ConsumerGroup, ConsumerGroupSpec, OutboxRelay, OutboxRelaySpec, TopicSpec,
-};
+use operator::crd::{crd_files, ConsumerGroup, OutboxRelay};
 use serde_json::json;
 
 #[test]
@@ -77,13 +75,7 @@ fn names_scale_subresource_and_columns() {
 }
 
 fn relay(coordination: serde_json::Value) -> OutboxRelay {
-    let spec: OutboxRelaySpec = serde_json::from_value(json!({
-        "database": {"secretRef": {"name": "orders-db", "key": "url"}},
-        "kafka": {"bootstrap": "kafka:9092"},
-        "coordination": coordination,
-    }))
-    .unwrap();
-    OutboxRelay::new("orders", spec)
+    contract::fixtures::relay("orders", json!({ "coordination": coordination }))
 }
 
 #[test]
@@ -99,30 +91,17 @@ fn lease_timings_must_nest() {
     assert!(bad.validate_cel().is_err());
 }
 
+/// Group `pharmacy` with `group_id` and `topics` (name, partitions).
 fn group(group_id: &str, topics: &[(&str, i32)]) -> ConsumerGroup {
-    ConsumerGroup::new(
-        "pharmacy",
-        ConsumerGroupSpec {
-            group_id: group_id.into(),
-            topics: topics
-                .iter()
-                .map(|(n, p)| {
-                    serde_json::from_value::<TopicSpec>(json!({"name": n, "partitions": p}))
-                        .unwrap()
-                })
-                .collect(),
-            kafka: serde_json::from_value(json!({"bootstrap": "kafka:9092"})).unwrap(),
-            database: serde_json::from_value(json!({"secretRef": {"name": "db", "key": "url"}}))
-                .unwrap(),
-            replicas: 2,
-            partition_policy: Default::default(),
-            autoscaling: None,
-            image: "demo-consumer:dev".into(),
-            env: vec![],
-            resources: None,
-            template: None,
-        },
-    )
+    let spec = contract::fixtures::group_spec(group_id, json!({ "topics": topic_list(topics) }));
+    ConsumerGroup::new("pharmacy", serde_json::from_value(spec).unwrap())
+}
+
+fn topic_list(topics: &[(&str, i32)]) -> Vec<serde_json::Value> {
+    topics
+        .iter()
+        .map(|(n, p)| json!({"name": n, "partitions": p}))
+        .collect()
 }
 
 #[test]

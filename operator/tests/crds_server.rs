@@ -3,6 +3,7 @@
 
 mod common;
 
+use contract::fixtures;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use operator::crd::{ConsumerGroup, OutboxRelay};
 use serde_json::{json, Value};
@@ -74,16 +75,10 @@ async fn the_examples_are_accepted() {
     }
 }
 
+/// OutboxRelay `name` as a user writes it, with `coordination`.
 fn relay(name: &str, coordination: Value) -> Value {
-    json!({
-        "apiVersion": "outbox.dev/v1alpha1", "kind": "OutboxRelay",
-        "metadata": {"name": name},
-        "spec": {
-            "database": {"secretRef": {"name": "orders-db", "key": "url"}},
-            "kafka": {"bootstrap": "kafka:9092"},
-            "coordination": coordination,
-        },
-    })
+    let spec = fixtures::relay_spec(json!({ "coordination": coordination }));
+    fixtures::object("OutboxRelay", name, spec)
 }
 
 #[tokio::test]
@@ -121,21 +116,15 @@ async fn lease_timings_must_nest() {
     );
 }
 
+/// ConsumerGroup `pharmacy` as a user writes it, with `group_id`, two replicas and `topics` (name,
+/// partitions).
 fn group(group_id: &str, topics: &[(&str, i32)]) -> Value {
     let topics: Vec<Value> = topics
         .iter()
         .map(|(n, p)| json!({"name": n, "partitions": p}))
         .collect();
-    json!({
-        "apiVersion": "outbox.dev/v1alpha1", "kind": "ConsumerGroup",
-        "metadata": {"name": "pharmacy"},
-        "spec": {
-            "groupId": group_id, "image": "demo-consumer:dev", "replicas": 2,
-            "kafka": {"bootstrap": "kafka:9092"},
-            "database": {"secretRef": {"name": "db", "key": "url"}},
-            "topics": topics,
-        },
-    })
+    let spec = fixtures::group_spec(group_id, json!({"replicas": 2, "topics": topics}));
+    fixtures::object("ConsumerGroup", "pharmacy", spec)
 }
 
 #[tokio::test]

@@ -30,29 +30,22 @@ use serde_json::json;
 /// The namespace of the kube-fake-client harness.
 const FAKE_NS: &str = "shop";
 
+/// A fixture relay with two replicas, `extra` merged over its spec.
 fn relay(name: &str, extra: serde_json::Value) -> OutboxRelay {
-    let mut spec = json!({
-        "database": {"secretRef": {"name": "orders-db", "key": "url"}},
-        "kafka": {"bootstrap": "kafka:9092"},
-        "replicas": 2,
-    });
+    let mut spec = json!({"replicas": 2});
     spec.as_object_mut()
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
-    OutboxRelay::new(name, serde_json::from_value(spec).unwrap())
+    contract::fixtures::relay(name, spec)
 }
 
+/// A fixture group (group id = `name`) with two replicas, `extra` merged over its spec.
 fn group(name: &str, extra: serde_json::Value) -> ConsumerGroup {
-    let mut spec = json!({
-        "groupId": name, "image": "demo-consumer:1", "replicas": 2,
-        "kafka": {"bootstrap": "kafka:9092"},
-        "database": {"secretRef": {"name": "orders-db", "key": "url"}},
-        "topics": [{"name": "orders", "partitions": 6}],
-    });
+    let mut spec = json!({"replicas": 2});
     spec.as_object_mut()
         .unwrap()
         .extend(extra.as_object().unwrap().clone());
-    ConsumerGroup::new(name, serde_json::from_value(spec).unwrap())
+    contract::fixtures::group(name, spec)
 }
 
 /// (bootstrap, librdkafka properties) per topic admin requested.

@@ -1,39 +1,23 @@
 //! The planners' unit tests.
 use super::*;
-use crate::crd::{ConsumerGroupSpec, OutboxRelaySpec};
 use serde_json::json;
 
+/// The fixture relay `shop/orders`, its Kafka settings also from a Secret.
 fn relay(spec: serde_json::Value) -> OutboxRelay {
-    let mut base = json!({
-        "database": {"secretRef": {"name": "orders-db", "key": "url"}},
-        "kafka": {"bootstrap": "kafka:9092", "configSecretRef": {"name": "kafka", "key": "props"}},
-    });
-    base.as_object_mut()
+    let mut overrides = json!({"kafka": {"bootstrap": "kafka:9092", "configSecretRef": {"name": "kafka", "key": "props"}}});
+    overrides
+        .as_object_mut()
         .unwrap()
         .extend(spec.as_object().unwrap().clone());
-    let mut cr = OutboxRelay::new(
-        "orders",
-        serde_json::from_value::<OutboxRelaySpec>(base).unwrap(),
-    );
+    let mut cr = contract::fixtures::relay("orders", overrides);
     cr.metadata.namespace = Some("shop".into());
     cr.metadata.uid = Some("uid-1".into());
     cr
 }
 
+/// The fixture group `shop/pharmacy`.
 fn group(spec: serde_json::Value) -> ConsumerGroup {
-    let mut base = json!({
-        "groupId": "pharmacy", "image": "demo-consumer:1",
-        "kafka": {"bootstrap": "kafka:9092"},
-        "database": {"secretRef": {"name": "orders-db", "key": "url"}},
-        "topics": [{"name": "orders", "partitions": 6}],
-    });
-    base.as_object_mut()
-        .unwrap()
-        .extend(spec.as_object().unwrap().clone());
-    let mut cr = ConsumerGroup::new(
-        "pharmacy",
-        serde_json::from_value::<ConsumerGroupSpec>(base).unwrap(),
-    );
+    let mut cr = contract::fixtures::group("pharmacy", spec);
     cr.metadata.namespace = Some("shop".into());
     cr.metadata.uid = Some("uid-2".into());
     cr
