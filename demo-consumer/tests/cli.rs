@@ -1,20 +1,8 @@
 //! The `demo-consumer` binary refuses unusable settings with exit code 2 and one line naming the flag and
 //! its environment variable, before touching the database or the broker.
 
-use std::process::Command;
-
-fn run(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_demo-consumer"))
-        .args(args)
-        .env_remove("DATABASE_URL")
-        .env_remove("KAFKA_BOOTSTRAP")
-        .output()
-        .unwrap();
-    (
-        out.status.code(),
-        String::from_utf8_lossy(&out.stderr).trim().to_owned(),
-    )
-}
+const BIN: &str = env!("CARGO_BIN_EXE_demo-consumer");
+const UNSET: &[&str] = &["DATABASE_URL", "KAFKA_BOOTSTRAP"];
 
 #[test]
 fn bad_settings_exit_2_with_one_line() {
@@ -60,12 +48,10 @@ fn bad_settings_exit_2_with_one_line() {
             "demo-consumer: invalid --rejoin-timeout (CONSUMER_REJOIN_TIMEOUT): must be longer than --session-timeout",
         ),
     ] {
-        let (code, stderr) = run(&args);
-        assert_eq!(code, Some(2), "{args:?}: {stderr}");
-        assert_eq!(stderr.lines().count(), 1, "{stderr}");
-        assert!(stderr.starts_with(line), "{args:?}: {stderr}");
+        test_support::cli::assert_refused(BIN, &args, &[], UNSET, line);
     }
-    let (code, stderr) = run(&["--database-url", url]);
+    // clap's own refusal (a missing required flag) names it too, with a usage hint.
+    let (code, stderr) = test_support::cli::run(BIN, &["--database-url", url], &[], UNSET);
     assert_eq!(code, Some(2), "a missing --role: {stderr}");
     assert!(stderr.contains("--role"), "{stderr}");
 }

@@ -13,46 +13,36 @@ use operator::crd::{ConsumerGroup, OutboxRelay};
 use serde_json::json;
 use test_support::{free_port, wait_for};
 
-#[tokio::test]
-async fn no_kubernetes_configuration_exits_2_naming_it() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-operator"))
-        .args(["--http-addr", "127.0.0.1:0"])
-        .env("KUBECONFIG", "/nonexistent/kubeconfig")
-        .env_remove("KUBERNETES_SERVICE_HOST")
-        .output()
-        .await
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    let last = err.lines().last().unwrap_or_default();
-    assert!(
-        last.starts_with("outbox-operator: invalid --kubeconfig (KUBECONFIG)"),
-        "{err}"
+#[test]
+fn no_kubernetes_configuration_exits_2_naming_it() {
+    test_support::cli::assert_refused(
+        env!("CARGO_BIN_EXE_outbox-operator"),
+        &["--http-addr", "127.0.0.1:0"],
+        &[("KUBECONFIG", "/nonexistent/kubeconfig")],
+        &["KUBERNETES_SERVICE_HOST"],
+        "outbox-operator: invalid --kubeconfig (KUBECONFIG)",
     );
 }
 
-#[tokio::test]
-async fn leader_lease_timings_that_do_not_nest_exit_2_naming_the_flags() {
-    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_outbox-operator"))
-        .args([
+#[test]
+fn leader_lease_timings_that_do_not_nest_exit_2_naming_the_flags() {
+    let line = test_support::cli::assert_refused(
+        env!("CARGO_BIN_EXE_outbox-operator"),
+        &[
             "--http-addr",
             "127.0.0.1:0",
             "--lease-duration",
             "5s",
             "--renew-deadline",
             "10s",
-        ])
-        .output()
-        .await
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    let last = err.lines().last().unwrap_or_default();
+        ],
+        &[],
+        &[],
+        "outbox-operator: invalid --lease-duration/--renew-deadline/--retry-period",
+    );
     assert!(
-        last.starts_with(
-            "outbox-operator: invalid --lease-duration/--renew-deadline/--retry-period"
-        ) && last.contains("lease duration must exceed the renew deadline"),
-        "{err}"
+        line.contains("lease duration must exceed the renew deadline"),
+        "{line}"
     );
 }
 

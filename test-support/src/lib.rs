@@ -3,8 +3,10 @@
 //! broker ([`kafka`]) with an optional TLS listener (stunnel) in front, a real Kubernetes control plane
 //! ([`control_plane`], feature `control-plane`) and test certificate authorities ([`tls`], feature `tls`) and a time-bounded fuzzing driver
 //! ([`fuzz`], feature `fuzz`), and a TCP proxy that adds network latency on loopback ([`delay_proxy`]).
+//! [`cli`] runs a binary and checks how it refuses bad settings.
 //! Nothing here touches a shared system database or a non-loopback address.
 
+pub mod cli;
 #[cfg(feature = "control-plane")]
 pub mod control_plane;
 pub mod delay_proxy;

@@ -228,19 +228,15 @@ async fn a_server_certificate_another_ca_signed_is_refused_with_the_reason() {
 /// The CA files a process is given must exist: exit 2, one line naming the flag.
 #[test]
 fn a_missing_ca_file_is_a_configuration_error() {
-    let out = std::process::Command::new(bin("outbox-relay").unwrap())
-        .args(["run", "--brokers", "127.0.0.1:9"])
-        .env("DATABASE_URL", "postgres://x@127.0.0.1:9/x")
-        .env("KAFKA_CA_FILE", "/nonexistent/ca.crt")
-        .output()
-        .unwrap();
-    assert_eq!(out.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        err.trim().starts_with(
-            "outbox-relay: invalid --kafka-ca-file (KAFKA_CA_FILE): /nonexistent/ca.crt"
-        ),
-        "{err}"
+    test_support::cli::assert_refused(
+        bin("outbox-relay").unwrap(),
+        &["run", "--brokers", "127.0.0.1:9"],
+        &[
+            ("DATABASE_URL", "postgres://x@127.0.0.1:9/x"),
+            ("KAFKA_CA_FILE", "/nonexistent/ca.crt"),
+        ],
+        &[],
+        "outbox-relay: invalid --kafka-ca-file (KAFKA_CA_FILE): /nonexistent/ca.crt",
     );
 }
 
