@@ -1,18 +1,23 @@
 //! Readiness of a consumer: database and broker reachable; how many partitions it owns.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use process_kit::surfaces::Surface;
+use process_kit::surfaces::{Reachability, Surface};
 use serde::Serialize;
 
 use crate::metrics::Metrics;
 
-/// Shared health flags, written by the consume loop, the librdkafka callbacks and the DB monitor.
+/// Shared health flags, written by the consume loop, the librdkafka callbacks and the DB monitor: the
+/// database and the broker reachable, nothing else.
 #[derive(Debug, Default)]
-pub struct Health {
-    database_up: AtomicBool,
-    broker_up: AtomicBool,
+pub struct Health(Reachability);
+
+impl std::ops::Deref for Health {
+    type Target = Reachability;
+
+    fn deref(&self) -> &Reachability {
+        &self.0
+    }
 }
 
 /// The `/readyz` body.
@@ -30,20 +35,9 @@ pub struct Readiness {
 }
 
 impl Health {
-    /// Records the database's state.
-    pub fn set_database(&self, up: bool) {
-        self.database_up.store(up, Ordering::Relaxed);
-    }
-
-    /// Records the broker's state.
-    pub fn set_broker(&self, up: bool) {
-        self.broker_up.store(up, Ordering::Relaxed);
-    }
-
     /// The current readiness of a member owning `assigned_partitions` partitions.
     pub fn readiness(&self, assigned_partitions: usize) -> Readiness {
-        let database = self.database_up.load(Ordering::Relaxed);
-        let broker = self.broker_up.load(Ordering::Relaxed);
+        let (database, broker) = (self.database(), self.broker());
         Readiness {
             ready: database && broker,
             database,

@@ -4,6 +4,7 @@
 //! way everywhere, so probes, dashboards and scripts need to know one shape only.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::extract::State;
@@ -22,6 +23,36 @@ pub trait Surface: Send + Sync + 'static {
     fn readiness(&self) -> (bool, serde_json::Value);
     /// The metrics in OpenMetrics text format.
     fn metrics(&self) -> String;
+}
+
+/// Whether a process reaches its database and its broker: written by its loops, callbacks and monitors,
+/// read by its readiness. Both start unknown (false). The relay's and the consumer's health build on it.
+#[derive(Debug, Default)]
+pub struct Reachability {
+    database: AtomicBool,
+    broker: AtomicBool,
+}
+
+impl Reachability {
+    /// Records the database's state.
+    pub fn set_database(&self, up: bool) {
+        self.database.store(up, Ordering::Relaxed);
+    }
+
+    /// Records the broker's state.
+    pub fn set_broker(&self, up: bool) {
+        self.broker.store(up, Ordering::Relaxed);
+    }
+
+    /// The database was reachable when last tried.
+    pub fn database(&self) -> bool {
+        self.database.load(Ordering::Relaxed)
+    }
+
+    /// At least one broker connection was up when last seen.
+    pub fn broker(&self) -> bool {
+        self.broker.load(Ordering::Relaxed)
+    }
 }
 
 /// A router with `/healthz` (always 200 while the process serves), `/readyz` (200 or 503 with the

@@ -1,8 +1,8 @@
 //! Liveness and readiness state shared by the loop, the monitors and the HTTP server.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
+use process_kit::surfaces::Reachability;
 use serde::Serialize;
 
 /// What the relay is doing with respect to coordination.
@@ -17,11 +17,11 @@ pub enum Role {
     Active,
 }
 
-/// Shared health flags.
+/// Shared health flags: the database and the broker reachable (as for every process), and the relay's
+/// coordination role.
 #[derive(Debug)]
 pub struct Health {
-    database_up: AtomicBool,
-    broker_up: AtomicBool,
+    reach: Reachability,
     role: Mutex<Role>,
     standby_ready: bool,
 }
@@ -29,11 +29,18 @@ pub struct Health {
 impl Default for Health {
     fn default() -> Self {
         Self {
-            database_up: AtomicBool::new(false),
-            broker_up: AtomicBool::new(false),
+            reach: Reachability::default(),
             role: Mutex::new(Role::Starting),
             standby_ready: false,
         }
+    }
+}
+
+impl std::ops::Deref for Health {
+    type Target = Reachability;
+
+    fn deref(&self) -> &Reachability {
+        &self.reach
     }
 }
 
@@ -60,16 +67,6 @@ impl Health {
         }
     }
 
-    /// Records the database's state.
-    pub fn set_database(&self, up: bool) {
-        self.database_up.store(up, Ordering::Relaxed);
-    }
-
-    /// Records the broker's state.
-    pub fn set_broker(&self, up: bool) {
-        self.broker_up.store(up, Ordering::Relaxed);
-    }
-
     /// Records the coordination role.
     pub fn set_role(&self, role: Role) {
         *self.role.lock().unwrap() = role;
@@ -77,8 +74,7 @@ impl Health {
 
     /// The current readiness.
     pub fn readiness(&self) -> Readiness {
-        let database = self.database_up.load(Ordering::Relaxed);
-        let broker = self.broker_up.load(Ordering::Relaxed);
+        let (database, broker) = (self.database(), self.broker());
         let role = self.role.lock().unwrap().clone();
         Readiness {
             ready: database
