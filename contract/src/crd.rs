@@ -162,6 +162,19 @@ pub enum KafkaAuthenticationType {
     Plain,
 }
 
+impl KafkaAuthenticationType {
+    /// The value of [`crate::env::security::KAFKA_SASL_MECHANISM`] (`--kafka-sasl-mechanism`); `None` for
+    /// mutual TLS, which is no SASL mechanism.
+    pub fn env_value(self) -> Option<&'static str> {
+        match self {
+            Self::Tls => None,
+            Self::ScramSha256 => Some("scram-sha-256"),
+            Self::ScramSha512 => Some("scram-sha-512"),
+            Self::Plain => Some("plain"),
+        }
+    }
+}
+
 /// Client authentication, shaped like Strimzi's (`KafkaClientAuthentication*`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, KubeSchema)]
 #[serde(rename_all = "camelCase")]

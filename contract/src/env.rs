@@ -3,8 +3,8 @@
 //! read them (`env = contract::env::…`), and `tests/tests/contract.rs` feeds the rendered environment of
 //! every example to those parsers. Values are rendered from the CRD types ([`crate::crd`]'s `env_value`).
 //!
-//! The TLS and SASL variables (`DATABASE_CA_FILE`, `KAFKA_TLS`, `KAFKA_SASL_*`, ...) belong to the shared
-//! security flags in `process_kit::security` and are covered by the same test.
+//! The TLS and SASL variables ([`security`]) are read by the shared security flags in
+//! `process_kit::security`, which every process links.
 
 /// Read by every process the operator runs.
 pub mod common {
@@ -18,6 +18,31 @@ pub mod common {
     pub const POD_NAME: &str = "POD_NAME";
     /// The pod's namespace (downward API).
     pub const POD_NAMESPACE: &str = "POD_NAMESPACE";
+}
+
+/// TLS and SASL: the files the operator mounts from Secrets and the settings that use them. Read by
+/// `process_kit::security` (every process).
+pub mod security {
+    /// CA bundle for PostgreSQL's server certificate.
+    pub const DATABASE_CA_FILE: &str = "DATABASE_CA_FILE";
+    /// Client certificate for PostgreSQL.
+    pub const DATABASE_CERT_FILE: &str = "DATABASE_CERT_FILE";
+    /// Client key for PostgreSQL.
+    pub const DATABASE_KEY_FILE: &str = "DATABASE_KEY_FILE";
+    /// `true`: connect to the brokers over TLS.
+    pub const KAFKA_TLS: &str = "KAFKA_TLS";
+    /// CA files for the brokers' certificates, comma-separated.
+    pub const KAFKA_CA_FILE: &str = "KAFKA_CA_FILE";
+    /// Client certificate for mutual TLS.
+    pub const KAFKA_CERT_FILE: &str = "KAFKA_CERT_FILE";
+    /// Client key for mutual TLS.
+    pub const KAFKA_KEY_FILE: &str = "KAFKA_KEY_FILE";
+    /// `plain`, `scram-sha-256` or `scram-sha-512` (`crate::crd::KafkaAuthenticationType::env_value`).
+    pub const KAFKA_SASL_MECHANISM: &str = "KAFKA_SASL_MECHANISM";
+    /// SASL username.
+    pub const KAFKA_SASL_USERNAME: &str = "KAFKA_SASL_USERNAME";
+    /// File holding the SASL password.
+    pub const KAFKA_SASL_PASSWORD_FILE: &str = "KAFKA_SASL_PASSWORD_FILE";
 }
 
 /// Read by `outbox-relay run`.

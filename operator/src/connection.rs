@@ -134,39 +134,37 @@ fn path_of(files: &[SecretUse], file: &str) -> Option<String> {
 
 /// The environment that points the process at the mounted Kafka files (`KAFKA_TLS`, `KAFKA_CA_FILE`, ...).
 pub fn kafka_env(kafka: &KafkaSpec) -> Vec<EnvVar> {
+    use contract::env::security::*;
     let files = kafka_files(kafka);
     let mut v = Vec::new();
     if kafka.tls.is_some() {
-        v.push(env("KAFKA_TLS", "true"));
+        v.push(env(KAFKA_TLS, "true"));
         let cas: Vec<String> = files
             .iter()
             .filter(|u| u.field.starts_with("spec.kafka.tls."))
             .filter_map(SecretUse::path)
             .collect();
         if !cas.is_empty() {
-            v.push(env("KAFKA_CA_FILE", cas.join(",")));
+            v.push(env(KAFKA_CA_FILE, cas.join(",")));
         }
     }
     if let Some(a) = &kafka.authentication {
-        match a.type_ {
-            KafkaAuthenticationType::Tls => {
+        match a.type_.env_value() {
+            None => {
                 if let Some(p) = path_of(&files, "kafka/user.crt") {
-                    v.push(env("KAFKA_CERT_FILE", p));
+                    v.push(env(KAFKA_CERT_FILE, p));
                 }
                 if let Some(p) = path_of(&files, "kafka/user.key") {
-                    v.push(env("KAFKA_KEY_FILE", p));
+                    v.push(env(KAFKA_KEY_FILE, p));
                 }
             }
-            sasl => {
-                v.push(env(
-                    "KAFKA_SASL_MECHANISM",
-                    sasl_mechanism(sasl).to_lowercase(),
-                ));
+            Some(mechanism) => {
+                v.push(env(KAFKA_SASL_MECHANISM, mechanism));
                 if let Some(u) = &a.username {
-                    v.push(env("KAFKA_SASL_USERNAME", u.clone()));
+                    v.push(env(KAFKA_SASL_USERNAME, u.clone()));
                 }
                 if let Some(p) = path_of(&files, "kafka/sasl-password") {
-                    v.push(env("KAFKA_SASL_PASSWORD_FILE", p));
+                    v.push(env(KAFKA_SASL_PASSWORD_FILE, p));
                 }
             }
         }
@@ -174,22 +172,14 @@ pub fn kafka_env(kafka: &KafkaSpec) -> Vec<EnvVar> {
     v
 }
 
-fn sasl_mechanism(t: KafkaAuthenticationType) -> &'static str {
-    match t {
-        KafkaAuthenticationType::Tls => "",
-        KafkaAuthenticationType::ScramSha256 => "SCRAM-SHA-256",
-        KafkaAuthenticationType::ScramSha512 => "SCRAM-SHA-512",
-        KafkaAuthenticationType::Plain => "PLAIN",
-    }
-}
-
 /// The environment that points the process at the mounted database files (`DATABASE_CA_FILE`, ...).
 pub fn database_env(tls: Option<&DatabaseTls>) -> Vec<EnvVar> {
+    use contract::env::security::*;
     let files = database_files(tls);
     [
-        ("DATABASE_CA_FILE", "database/ca.crt"),
-        ("DATABASE_CERT_FILE", "database/client.crt"),
-        ("DATABASE_KEY_FILE", "database/client.key"),
+        (DATABASE_CA_FILE, "database/ca.crt"),
+        (DATABASE_CERT_FILE, "database/client.crt"),
+        (DATABASE_KEY_FILE, "database/client.key"),
     ]
     .into_iter()
     .filter_map(|(var, file)| path_of(&files, file).map(|p| env(var, p)))
@@ -285,7 +275,9 @@ pub fn admin_properties(kafka: &KafkaSpec, data: &SecretData) -> Vec<(String, St
         }
     }
     if let Some(a) = sasl {
-        p.push(("sasl.mechanism".into(), sasl_mechanism(a.type_).into()));
+        // librdkafka names mechanisms in capitals (PLAIN, SCRAM-SHA-256).
+        let mechanism = a.type_.env_value().unwrap_or_default().to_uppercase();
+        p.push(("sasl.mechanism".into(), mechanism));
         p.push((
             "sasl.username".into(),
             a.username.clone().unwrap_or_default(),

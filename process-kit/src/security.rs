@@ -7,6 +7,7 @@
 
 use std::path::{Path, PathBuf};
 
+use contract::env::security;
 #[cfg(feature = "database")]
 use sqlx::postgres::{PgConnectOptions, PgSslMode};
 
@@ -18,13 +19,13 @@ use crate::service::config_error;
 #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct DatabaseTlsArgs {
     /// CA certificate(s) (PEM) that signed the database server's certificate; sets `sslmode=verify-full`.
-    #[arg(long, env = "DATABASE_CA_FILE", global = true)]
+    #[arg(long, env = security::DATABASE_CA_FILE, global = true)]
     pub database_ca_file: Option<PathBuf>,
     /// Client certificate (PEM) for certificate authentication (with --database-key-file).
-    #[arg(long, env = "DATABASE_CERT_FILE", global = true)]
+    #[arg(long, env = security::DATABASE_CERT_FILE, global = true)]
     pub database_cert_file: Option<PathBuf>,
     /// Private key (PEM) of the client certificate.
-    #[arg(long, env = "DATABASE_KEY_FILE", global = true)]
+    #[arg(long, env = security::DATABASE_KEY_FILE, global = true)]
     pub database_key_file: Option<PathBuf>,
 }
 
@@ -78,26 +79,26 @@ impl SaslMechanism {
 #[derive(Debug, Clone, Default, PartialEq, Eq, clap::Args)]
 pub struct KafkaSecurityArgs {
     /// Connect to the brokers over TLS.
-    #[arg(long, env = "KAFKA_TLS", default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, env = security::KAFKA_TLS, default_value_t = false, action = clap::ArgAction::Set)]
     pub kafka_tls: bool,
     /// CA certificate(s) (PEM) for the brokers' certificates (repeat or comma-separate; default: the
     /// system's CA bundle).
-    #[arg(long, env = "KAFKA_CA_FILE", value_delimiter = ',')]
+    #[arg(long, env = security::KAFKA_CA_FILE, value_delimiter = ',')]
     pub kafka_ca_file: Vec<PathBuf>,
     /// Client certificate (PEM) for mutual TLS (with --kafka-key-file).
-    #[arg(long, env = "KAFKA_CERT_FILE")]
+    #[arg(long, env = security::KAFKA_CERT_FILE)]
     pub kafka_cert_file: Option<PathBuf>,
     /// Private key (PEM) of the client certificate.
-    #[arg(long, env = "KAFKA_KEY_FILE")]
+    #[arg(long, env = security::KAFKA_KEY_FILE)]
     pub kafka_key_file: Option<PathBuf>,
     /// SASL mechanism (with --kafka-sasl-username and --kafka-sasl-password-file).
-    #[arg(long, env = "KAFKA_SASL_MECHANISM", value_enum)]
+    #[arg(long, env = security::KAFKA_SASL_MECHANISM, value_enum)]
     pub kafka_sasl_mechanism: Option<SaslMechanism>,
     /// SASL username.
-    #[arg(long, env = "KAFKA_SASL_USERNAME")]
+    #[arg(long, env = security::KAFKA_SASL_USERNAME)]
     pub kafka_sasl_username: Option<String>,
     /// File holding the SASL password (trailing newline ignored).
-    #[arg(long, env = "KAFKA_SASL_PASSWORD_FILE")]
+    #[arg(long, env = security::KAFKA_SASL_PASSWORD_FILE)]
     pub kafka_sasl_password_file: Option<PathBuf>,
 }
 
