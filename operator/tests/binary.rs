@@ -102,20 +102,12 @@ async fn serves_probes_and_metrics_and_follows_changes() {
     assert!(body.contains("\"ready\":true"), "{body}");
     // The controller lists the relay and reconciles it: its Deployment appears.
     let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
-    let replicas = |want: i32| {
-        let deployments = deployments.clone();
-        move || {
-            let deployments = deployments.clone();
-            async move {
-                let d = deployments.get_opt("orders-relay").await.ok().flatten()?;
-                (d.spec?.replicas == Some(want)).then_some(())
-            }
-        }
-    };
-    wait_for(
+    let relay_deployment = (&client, ns.as_str(), "orders-relay");
+    common::wait_for_replicas(
+        relay_deployment,
+        2,
         "the relay's Deployment",
         Duration::from_secs(30),
-        replicas(2),
     )
     .await;
     // Four ConsumerGroups whose broker does not answer: their topic calls wait out a 10 s timeout, and must
@@ -145,10 +137,11 @@ async fn serves_probes_and_metrics_and_follows_changes() {
         )
         .await
         .unwrap();
-    wait_for(
+    common::wait_for_replicas(
+        relay_deployment,
+        3,
         "replicas 3 after the spec change",
         Duration::from_secs(5),
-        replicas(3),
     )
     .await;
     let old_uid = deployments.get("orders-relay").await.unwrap().metadata.uid;

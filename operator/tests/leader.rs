@@ -8,7 +8,6 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Patch, PatchParams};
@@ -135,21 +134,12 @@ async fn one_replica_reconciles_and_a_standby_takes_over_when_it_dies_or_stops()
     .unwrap();
     let relays = Api::<OutboxRelay>::namespaced(client.clone(), &ns);
     relays.create(&Default::default(), &relay).await.unwrap();
-    let deployments = Api::<Deployment>::namespaced(client.clone(), &ns);
-    let replicas = |want: i32| {
-        let deployments = deployments.clone();
-        move || {
-            let deployments = deployments.clone();
-            async move {
-                let d = deployments.get_opt("orders-relay").await.ok().flatten()?;
-                (d.spec?.replicas == Some(want)).then_some(())
-            }
-        }
-    };
-    wait_for(
+    let relay_deployment = (&client, ns.as_str(), "orders-relay");
+    common::wait_for_replicas(
+        relay_deployment,
+        2,
         "the relay's Deployment",
         Duration::from_secs(30),
-        replicas(2),
     )
     .await;
     for _ in 0..4 {
@@ -178,10 +168,11 @@ async fn one_replica_reconciles_and_a_standby_takes_over_when_it_dies_or_stops()
         }
     };
     scale(3).await;
-    wait_for(
+    common::wait_for_replicas(
+        relay_deployment,
+        3,
         "the standby applies the spec change",
         LEASE_DURATION + Duration::from_secs(5),
-        replicas(3),
     )
     .await;
     let took = killed.elapsed();
@@ -236,7 +227,13 @@ async fn one_replica_reconciles_and_a_standby_takes_over_when_it_dies_or_stops()
         stopped.elapsed()
     );
     scale(4).await;
-    wait_for("op-c reconciles", Duration::from_secs(10), replicas(4)).await;
+    common::wait_for_replicas(
+        relay_deployment,
+        4,
+        "op-c reconciles",
+        Duration::from_secs(10),
+    )
+    .await;
 
     // Another holder writes the Lease (a takeover this replica did not see): it stops reconciling and exits 1.
     let mut c = c;

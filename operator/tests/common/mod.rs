@@ -196,3 +196,23 @@ pub async fn put_secret(client: &kube::Client, ns: &str, name: &str, data: &[(&s
         .await
         .unwrap();
 }
+
+/// Waits up to `timeout` until Deployment `name` in `ns` asks for `want` replicas (the operator reconciled
+/// the spec that wants them); `what` names the wait in the failure.
+pub async fn wait_for_replicas(
+    (client, ns, name): (&kube::Client, &str, &str),
+    want: i32,
+    what: &str,
+    timeout: std::time::Duration,
+) {
+    let deployments =
+        kube::Api::<k8s_openapi::api::apps::v1::Deployment>::namespaced(client.clone(), ns);
+    test_support::wait_for(what, timeout, || {
+        let deployments = deployments.clone();
+        async move {
+            let d = deployments.get_opt(name).await.ok().flatten()?;
+            (d.spec?.replicas == Some(want)).then_some(())
+        }
+    })
+    .await;
+}
