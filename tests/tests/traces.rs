@@ -84,12 +84,13 @@ async fn one_trace_runs_from_the_api_request_to_each_groups_handler() {
             .collect()
     };
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    let (request, handlers, batches) = loop {
+    let (request, handlers, batches, runs) = loop {
         let request = spans("demo-api", "POST /orders");
         let handlers = spans("demo-consumer", "consumer.handle");
         let batches = spans("outbox-relay", "relay.batch");
-        if request.len() == 1 && handlers.len() >= 2 && !batches.is_empty() {
-            break (request, handlers, batches);
+        let runs = spans("demo-consumer", "consumer.run");
+        if request.len() == 1 && handlers.len() >= 2 && !batches.is_empty() && runs.len() >= 2 {
+            break (request, handlers, batches, runs);
         }
         assert!(
             tokio::time::Instant::now() < deadline,
@@ -126,6 +127,19 @@ async fn one_trace_runs_from_the_api_request_to_each_groups_handler() {
     let mut groups = groups;
     groups.sort();
     assert_eq!(groups, ["notification", "pharmacy"], "{handlers:?}");
+    // Each consumer run (a partition's records in one go) says which group and partition it is about.
+    let attribute = |span: &Value, key: &str| {
+        span["attributes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|a| a["key"] == key)
+            .map(|a| a["value"].clone())
+    };
+    for run in &runs {
+        assert!(attribute(run, "group").is_some(), "{run}");
+        assert!(attribute(run, "partition").is_some(), "{run}");
+    }
     // The relay's batch that carried the event links to the request's trace.
     assert!(
         batches.iter().any(|b| b["links"]

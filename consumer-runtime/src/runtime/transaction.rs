@@ -133,6 +133,18 @@ impl<H: Handler> Runtime<H> {
 
     /// Processes consecutive records of one partition: the rest of the run in one transaction when
     /// possible; around a failed handler, one by one. Stops at the first record that has to wait.
+    /// Every log line inside says which group, partition and offsets it is about.
+    #[tracing::instrument(
+        name = "consumer.run",
+        skip_all,
+        fields(
+            group = %self.cfg.group_id,
+            topic = %slot.0,
+            partition = slot.1,
+            first_offset = run.first().map(|m| m.offset()),
+            records = run.len(),
+        )
+    )]
     pub(super) async fn process_run(
         &self,
         consumer: &KafkaConsumer,
