@@ -62,3 +62,30 @@ pub fn object(kind: &str, name: &str, spec: Value) -> Value {
         "spec": spec,
     })
 }
+
+/// The directory of the repository's example resources (`examples/`), which users apply as they are.
+fn examples_dir() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples")
+}
+
+/// Example `file` of `examples/`, parsed from YAML.
+pub fn example(file: &str) -> Value {
+    let path = examples_dir().join(file);
+    let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every example of `examples/`, parsed, in file name order.
+pub fn examples() -> Vec<Value> {
+    let mut files: Vec<String> = std::fs::read_dir(examples_dir())
+        .expect("examples/")
+        .map(|e| {
+            e.expect("a directory entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    files.sort();
+    files.iter().map(|f| example(f)).collect()
+}

@@ -34,11 +34,6 @@ fn refused<K: std::fmt::Debug>(result: Result<K, kube::Error>) -> String {
     }
 }
 
-fn example(file: &str) -> Value {
-    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
-    serde_norway::from_str(&std::fs::read_to_string(dir.join(file)).unwrap()).unwrap()
-}
-
 #[tokio::test]
 async fn both_crds_are_accepted_and_established() {
     let plane = control_plane::shared();
@@ -58,11 +53,16 @@ async fn the_examples_are_accepted() {
     common::install_crds(&client).await;
     let ns = plane.namespace("examples").await;
     let relays = Api::<OutboxRelay>::namespaced(client.clone(), &ns);
-    let relay = apply(&relays, &example("outboxrelay.yaml")).await.unwrap();
-    assert_eq!(relay.spec.coordination.lease_duration_seconds, 15);
-    let secured = apply(&relays, &example("outboxrelay-strimzi-scram.yaml"))
+    let relay = apply(&relays, &fixtures::example("outboxrelay.yaml"))
         .await
         .unwrap();
+    assert_eq!(relay.spec.coordination.lease_duration_seconds, 15);
+    let secured = apply(
+        &relays,
+        &fixtures::example("outboxrelay-strimzi-scram.yaml"),
+    )
+    .await
+    .unwrap();
     assert!(secured.spec.kafka.authentication.is_some());
     let groups = Api::<ConsumerGroup>::namespaced(client, &ns);
     for file in [
@@ -70,7 +70,7 @@ async fn the_examples_are_accepted() {
         "consumergroup-notification.yaml",
         "consumergroup-mtls.yaml",
     ] {
-        let g = apply(&groups, &example(file)).await.unwrap();
+        let g = apply(&groups, &fixtures::example(file)).await.unwrap();
         assert_eq!(g.spec.topics[0].name, "orders", "{file}");
     }
 }

@@ -10,19 +10,6 @@ use proptest::prelude::*;
 use serde_json::Value;
 use test_support::fuzz::fuzz;
 
-fn examples() -> Vec<Value> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
-    let mut paths: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    paths.sort();
-    paths
-        .iter()
-        .map(|p| serde_norway::from_str(&std::fs::read_to_string(p).unwrap()).unwrap())
-        .collect()
-}
-
 /// One mutation: which node (index into a walk of the tree, modulo its size) and what happens to it.
 #[derive(Debug, Clone)]
 enum Mutation {
@@ -130,7 +117,7 @@ fn apply(doc: &mut Value, m: &Mutation) {
 
 #[test]
 fn mutated_custom_resources_plan_or_name_the_field_at_fault() {
-    let examples = examples();
+    let examples = contract::fixtures::examples();
     let defaults = Defaults {
         relay_image: "ghcr.io/outbox-operator/outbox-relay:0.1.0".into(),
     };

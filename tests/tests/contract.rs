@@ -128,18 +128,11 @@ fn consumer_matches(cr: &ConsumerGroup) -> clap::ArgMatches {
     parse_with_env(Consumer::command, "consumer", &args, &env)
 }
 
+/// The examples as the operator sees them once applied (namespace and uid set).
 fn load_examples() -> Vec<serde_json::Value> {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../examples");
-    let mut paths: Vec<_> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().path())
-        .collect();
-    paths.sort();
-    paths
-        .iter()
-        .map(|p| {
-            let mut v: serde_json::Value =
-                serde_norway::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    contract::fixtures::examples()
+        .into_iter()
+        .map(|mut v| {
             v["metadata"]["namespace"] = json!("default");
             v["metadata"]["uid"] = json!("00000000-0000-0000-0000-000000000001");
             v
