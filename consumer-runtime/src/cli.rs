@@ -71,6 +71,11 @@ pub struct ConsumerArgs {
     /// answers (a coordinator that never re-admits the member).
     #[arg(long, env = "CONSUMER_REJOIN_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
     pub rejoin_timeout: Duration,
+    /// Process past an offset gap that is still there when fetched again. Off by default: on the relay's
+    /// topics (not compacted, no transactions) a gap is loss, so the partition stops there and the
+    /// `OutboxConsumerOffsetGap` alert fires. Turn it on only for compacted or transactional topics.
+    #[arg(long, env = "CONSUMER_ACCEPT_OFFSET_GAPS", default_value_t = false, action = clap::ArgAction::Set)]
+    pub accept_offset_gaps: bool,
     /// Schema of the inbox table.
     #[arg(long, env = consumer::INBOX_SCHEMA, default_value = crate::inbox::DEFAULT_SCHEMA)]
     pub inbox_schema: String,
@@ -121,6 +126,7 @@ impl ConsumerArgs {
                 ("--brokers", "KAFKA_BOOTSTRAP"),
                 &self.kafka_config,
                 ("--kafka-config", "CONSUMER_KAFKA_CONFIG"),
+                contract::kafka_guard::Process::Consumer,
             )?,
             self.kafka_security.properties(&std::env::temp_dir())?,
             ("--kafka-config", "CONSUMER_KAFKA_CONFIG"),
@@ -159,6 +165,7 @@ impl ConsumerArgs {
             },
             session_timeout: self.session_timeout,
             rejoin_timeout: self.rejoin_timeout,
+            accept_offset_gaps: self.accept_offset_gaps,
             instance_id,
             batch_size: self.batch_size as usize,
             concurrency: self.concurrency as usize,

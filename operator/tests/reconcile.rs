@@ -1271,6 +1271,49 @@ async fn a_missing_secret_key_stalls_with_secret_error_naming_the_field() {
         .is_none());
 }
 
+/// A property the guarantees rest on, set in `kafka.configSecretRef`: the process would exit 2 on it
+/// (`contract::kafka_guard`), so the operator refuses the resource with `InvalidSpec` naming the field and
+/// applies nothing — for a relay (`acks`) and for a group (`enable.auto.offset.store`).
+#[tokio::test]
+async fn a_guarded_kafka_property_in_the_config_secret_is_invalid_spec() {
+    let h = harness().await;
+    h.put_secret("relay-props", &[("props", "linger.ms=5,acks=1")])
+        .await;
+    let spec = json!({"kafka": {"bootstrap": "kafka:9092", "configSecretRef": {"name": "relay-props", "key": "props"}}});
+    let cr = h.create_relay(&relay("guarded", spec)).await;
+    let err = reconcile_relay(cr, h.ctx.clone()).await.unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "spec.kafka.configSecretRef: `acks` is set by the relay (acks=all: nothing lost rests on it); it cannot be overridden"
+    );
+    assert!(h.has_event("InvalidSpec", "acks").await);
+    let stored = h.relay("guarded").await;
+    let ready = condition(&stored.status.as_ref().unwrap().conditions, "Ready").unwrap();
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "InvalidSpec")
+    );
+    assert!(h
+        .api::<Deployment>()
+        .get_opt("guarded-relay")
+        .await
+        .unwrap()
+        .is_none());
+
+    h.put_secret("group-props", &[("props", "enable.auto.offset.store=true")])
+        .await;
+    let spec = json!({"kafka": {"bootstrap": "kafka:9092", "configSecretRef": {"name": "group-props", "key": "props"}}});
+    let cr = h.create_group(&group("guarded", spec)).await;
+    let err = reconcile_consumer(cr, h.ctx.clone()).await.unwrap_err();
+    assert!(
+        err.to_string().starts_with(
+            "spec.kafka.configSecretRef: `enable.auto.offset.store` is set by the runtime"
+        ),
+        "{err}"
+    );
+    assert!(h.has_event("InvalidSpec", "enable.auto.offset.store").await);
+}
+
 #[tokio::test]
 async fn rotating_a_referenced_secret_rolls_the_deployment() {
     let h = harness().await;

@@ -181,12 +181,14 @@ pub fn database_options(
     PgConnectOptions::from_str(url).map_err(|e| config_error(flag, env, e))
 }
 
-/// Checks a Kafka bootstrap list (`host:port,...`) and `key=value` librdkafka properties.
+/// Checks a Kafka bootstrap list (`host:port,...`) and `key=value` librdkafka properties, refusing those
+/// the guarantees of `process` rest on ([`contract::kafka_guard`]).
 pub fn kafka_settings(
     brokers: &str,
     brokers_flag: (&'static str, &'static str),
     extra: &[String],
     extra_flag: (&'static str, &'static str),
+    process: contract::kafka_guard::Process,
 ) -> anyhow::Result<Vec<(String, String)>> {
     if brokers.trim().is_empty() {
         return Err(config_error(brokers_flag.0, brokers_flag.1, "is empty"));
@@ -205,7 +207,8 @@ pub fn kafka_settings(
         .iter()
         .filter(|kv| !kv.trim().is_empty())
         .map(|kv| {
-            kv.split_once('=')
+            let (k, v) = kv
+                .split_once('=')
                 .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
                 .ok_or_else(|| {
                     config_error(
@@ -213,7 +216,11 @@ pub fn kafka_settings(
                         extra_flag.1,
                         format!("`{kv}` is not key=value"),
                     )
-                })
+                })?;
+            if let Some(why) = contract::kafka_guard::refusal(process, &k, &v) {
+                return Err(config_error(extra_flag.0, extra_flag.1, why));
+            }
+            Ok((k, v))
         })
         .collect()
 }
@@ -312,17 +319,33 @@ mod tests {
     fn bad_kafka_settings_name_the_flag_and_the_env_var() {
         let b = ("--brokers", "KAFKA_BOOTSTRAP");
         let x = ("--kafka-config", "KAFKA_CONFIG");
-        assert!(kafka_settings("localhost", b, &[], x)
+        use contract::kafka_guard::Process::{Consumer, Relay};
+        assert!(kafka_settings("localhost", b, &[], x, Relay)
             .unwrap_err()
             .to_string()
             .contains("`localhost` is not host:port"));
-        assert!(kafka_settings("h:1", b, &["nonsense".into()], x)
+        assert!(kafka_settings("h:1", b, &["nonsense".into()], x, Relay)
             .unwrap_err()
             .to_string()
             .starts_with("invalid --kafka-config (KAFKA_CONFIG)"));
         assert_eq!(
-            kafka_settings("h:1,g:2", b, &["a = b".into(), "".into()], x).unwrap(),
+            kafka_settings("h:1,g:2", b, &["a = b".into(), "".into()], x, Relay).unwrap(),
             vec![("a".to_owned(), "b".to_owned())]
         );
+        assert_eq!(
+            kafka_settings("h:1", b, &["acks=1".into()], x, Relay)
+                .unwrap_err()
+                .to_string(),
+            "invalid --kafka-config (KAFKA_CONFIG): `acks` is set by the relay (acks=all: nothing lost rests on it); it cannot be overridden"
+        );
+        assert!(kafka_settings("h:1", b, &["acks=1".into()], x, Consumer).is_ok());
+        assert!(kafka_settings(
+            "h:1",
+            b,
+            &["enable.auto.offset.store=true".into()],
+            x,
+            Consumer
+        )
+        .is_err());
     }
 }

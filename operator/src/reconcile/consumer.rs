@@ -2,6 +2,7 @@
 //! replicas the partition policy allows, lag, autoscaling through `/scale`, status written.
 
 use super::*;
+use contract::kafka_guard::Process;
 
 /// Reconciles one ConsumerGroup.
 #[tracing::instrument(
@@ -70,7 +71,8 @@ pub(super) async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<
         if has_finalizer {
             let uses = plan::kafka_secret_uses(&cg.spec.kafka);
             let data = read_secrets(&ctx.client, &ns, &uses).await?;
-            let props = admin_props(&cg.spec.kafka, &data)?;
+            // Cleanup runs whatever the properties: a refused one must not keep the finalizer forever.
+            let props = admin_props(&cg.spec.kafka, &data, None)?;
             let admin = (ctx.admins)(&cg.spec.kafka.bootstrap, &props)?;
             let others = match &ctx.namespace {
                 Some(n) => Api::<ConsumerGroup>::namespaced(ctx.client.clone(), n),
@@ -129,12 +131,17 @@ pub(super) async fn consumer_inner(cg: &ConsumerGroup, ctx: &Context) -> Result<
     let uses = plan::consumer_secret_uses(cg);
     let secrets = match read_secrets(&ctx.client, &ns, &uses)
         .await
-        .and_then(|data| Ok((admin_props(&cg.spec.kafka, &data)?, data)))
-    {
+        .and_then(|data| {
+            Ok((
+                admin_props(&cg.spec.kafka, &data, Some(Process::Consumer))?,
+                data,
+            ))
+        }) {
         Ok(p) => p,
         Err(e) => {
-            stalled(ctx, cg, &previous, "SecretError", e.to_string()).await?;
-            ctx.event(cg, true, "SecretError", e.to_string()).await;
+            // SecretError, or InvalidSpec for a property the consumer would refuse.
+            stalled(ctx, cg, &previous, e.reason(), e.to_string()).await?;
+            ctx.event(cg, true, e.reason(), e.to_string()).await;
             return Err(e);
         }
     };

@@ -47,12 +47,20 @@ pub(super) async fn relay_inner(obr: &OutboxRelay, ctx: &Context) -> Result<Acti
     // so the conflict shows on the resource instead of in a crash-looping pod.
     let secrets = read_secrets(&ctx.client, &ns, &uses)
         .await
-        .and_then(|data| admin_props(&obr.spec.kafka, &data).map(|_| data));
+        .and_then(|data| {
+            admin_props(
+                &obr.spec.kafka,
+                &data,
+                Some(contract::kafka_guard::Process::Relay),
+            )
+            .map(|_| data)
+        });
     let data = match secrets {
         Ok(d) => d,
         Err(e) => {
-            stalled(ctx, obr, &previous, "SecretError", e.to_string()).await?;
-            ctx.event(obr, true, "SecretError", e.to_string()).await;
+            // SecretError, or InvalidSpec for a property the relay would refuse.
+            stalled(ctx, obr, &previous, e.reason(), e.to_string()).await?;
+            ctx.event(obr, true, e.reason(), e.to_string()).await;
             return Err(e);
         }
     };

@@ -53,6 +53,7 @@ pub fn secret_hash(data: &SecretData) -> String {
 pub(super) fn admin_props(
     kafka: &KafkaSpec,
     data: &SecretData,
+    guard: Option<contract::kafka_guard::Process>,
 ) -> Result<Vec<(String, String)>, Error> {
     let typed = connection::admin_properties(kafka, data);
     let Some(r) = &kafka.config_secret_ref else {
@@ -76,6 +77,13 @@ pub(super) fn admin_props(
             ))
         })?;
         let k = k.trim().to_owned();
+        // What the process would refuse at start (exit 2) is refused on the resource.
+        if let Some(why) = guard.and_then(|p| contract::kafka_guard::refusal(p, &k, v.trim())) {
+            return Err(Error::Spec(crate::plan::SpecError {
+                field: "spec.kafka.configSecretRef".into(),
+                reason: why,
+            }));
+        }
         if typed.iter().any(|(t, _)| *t == k) {
             return Err(Error::Secret(format!(
                 "spec.kafka.configSecretRef: `{k}` is also set by spec.kafka.tls/authentication; set it once"

@@ -54,6 +54,7 @@ pub fn parse_kafka(brokers: &str, extra: &[String]) -> anyhow::Result<Vec<(Strin
         ("--brokers", "KAFKA_BOOTSTRAP"),
         extra,
         ("--kafka-config", "RELAY_KAFKA_CONFIG"),
+        contract::kafka_guard::Process::Relay,
     )
 }
 
