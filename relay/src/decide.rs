@@ -1,7 +1,7 @@
 //! Pure decisions of the relay loop: what to send from a claimed batch, and how to settle each event
 //! once the deliveries are known. No IO here, so every rule is unit-tested directly.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use crate::event::ClaimedEvent;
@@ -51,17 +51,30 @@ pub enum Delivery {
         /// Offset of the record.
         offset: i64,
     },
-    /// Failed; `permanent` is `Some` when retrying cannot help.
+    /// Failed; `fault` says whose fault it was.
     Failed {
         /// Error text from the client or broker.
         error: String,
         /// Short label for metrics (librdkafka error code name, or the dead reason).
         code: String,
-        /// Set for errors that will repeat forever.
-        permanent: Option<DeadReason>,
+        /// Whose fault: the broker's (no attempt counted), the record's, or permanent.
+        fault: Fault,
     },
     /// Not sent: an earlier event of its key was dead-lettered under `park-key` in this batch.
     Withheld,
+}
+
+/// Whose fault a failed delivery is, which decides whether it counts toward `--max-attempts`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fault {
+    /// The broker's or the network's (timeouts, transport, no leader, not enough replicas, throttling,
+    /// purged or dropped by the client): not the record's fault, so no attempt is counted, and the loop
+    /// stops claiming until the broker answers again. A ten-minute broker maintenance dead-letters nothing.
+    Broker,
+    /// The record's own and possibly transient (e.g. its topic does not exist yet): counts an attempt.
+    Record,
+    /// The record's own and certain to repeat: dead-lettered at once.
+    Permanent(DeadReason),
 }
 
 /// Retry and poison settings that the settle plan depends on.
@@ -75,6 +88,66 @@ pub struct RetryPolicy {
     pub backoff_max: Duration,
     /// Key handling after a dead letter.
     pub poison: PoisonPolicy,
+}
+
+/// Where a claim starts and what the relay has in hand, for the claim's head-of-key check: a row in
+/// hand (in flight, or acknowledged and committing) holds its key back, so a later batch never carries a
+/// key whose earlier record may still fail.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Claim {
+    /// Claim only ids above this (0: from the start). Pending rows at or below it hold their keys back:
+    /// those in hand, and those committed late, redriven or unparked, until a claim from the start.
+    pub after: i64,
+    /// Ids in hand when the claim starts at or below them (a claim from the start while batches are in
+    /// flight); empty otherwise, since `after` then covers them. An array scanned per earlier row, so it
+    /// is passed only when needed.
+    pub in_flight: Vec<i64>,
+}
+
+impl Claim {
+    /// A claim from the start with nothing in hand.
+    pub fn from_start() -> Self {
+        Self::default()
+    }
+}
+
+/// A pending row as the claim sees it: the model of `outbox.events` that [`claimable`] decides on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingRow {
+    /// Row id (commit order within a key).
+    pub id: i64,
+    /// Topic and key.
+    pub key: TopicKey,
+    /// `next_attempt_at <= now()`.
+    pub due: bool,
+    /// Locked by another transaction (a batch in flight): `SKIP LOCKED` passes over it.
+    pub locked: bool,
+}
+
+/// The claim rule that `Store::claim`'s SQL implements, as a pure function over committed pending rows
+/// (ascending ids) and the parked keys: at most `limit` ids above `claim.after`, due and not locked, whose
+/// every earlier pending row of the key is in the same claim. An earlier row holds the key back when it
+/// is at or below `claim.after`, in `claim.in_flight`, or not due. The relay runs the SQL; the model
+/// tests run this, and a differential test holds the two together on random tables.
+pub fn claimable(
+    rows: &[PendingRow],
+    claim: &Claim,
+    limit: usize,
+    parked: &HashSet<TopicKey>,
+) -> Vec<i64> {
+    let holds_back =
+        |p: &PendingRow| p.id <= claim.after || !p.due || claim.in_flight.contains(&p.id);
+    rows.iter()
+        .filter(|e| e.due && e.id > claim.after && !parked.contains(&e.key))
+        .filter(|e| {
+            !rows
+                .iter()
+                .any(|p| p.key == e.key && p.id < e.id && holds_back(p))
+        })
+        .filter(|e| !e.locked)
+        .take(limit)
+        .map(|e| e.id)
+        .collect()
 }
 
 /// Checks that make an event impossible to produce, found before sending so it cannot leave a gap behind
@@ -135,7 +208,7 @@ pub fn prepare_after(
             Some(Delivery::Failed {
                 error,
                 code: reason.as_str().into(),
-                permanent: Some(reason),
+                fault: Fault::Permanent(reason),
             })
         })
         .collect()
@@ -180,7 +253,7 @@ pub enum Settle {
         /// Offset written at.
         offset: i64,
     },
-    /// Keep pending: attempts+1, next attempt after `delay`.
+    /// Keep pending: attempts+1 when `counts`, next attempt after `delay`.
     Retry {
         /// Event row id.
         id: i64,
@@ -188,6 +261,8 @@ pub enum Settle {
         delay: Duration,
         /// Error recorded in `last_error`.
         error: String,
+        /// Whether the failure counts toward `max_attempts` (the record's fault, not the broker's).
+        counts: bool,
     },
     /// Move to `outbox.dead`.
     Dead {
@@ -207,13 +282,24 @@ pub enum Settle {
 pub struct SettlePlan {
     /// One entry per event that changes state (withheld events stay untouched).
     pub actions: Vec<Settle>,
-    /// Events acknowledged after an earlier event of the same key failed (in this batch or in an earlier
-    /// batch that was in flight with it): their key's order is broken. The idempotent producer should
-    /// make this impossible; it is counted, not hidden.
+    /// Events acknowledged while an earlier event of the same key that failed is still pending (in this
+    /// batch or in an earlier one settled while this one was in flight): their key's order is broken. The
+    /// claim rule and the idempotent producer should make this impossible; it is counted, not hidden.
     pub order_violations: usize,
     /// Keys with a failed delivery in this batch.
     pub failed_keys: HashSet<TopicKey>,
+    /// The failed heads after this batch: `failed_before` with this batch's retried events added and the
+    /// heads it delivered (a retry that got through) removed.
+    pub failed_heads: FailedHeads,
+    /// Deliveries that failed through the broker's or the network's fault: the loop stops claiming
+    /// until the broker answers.
+    pub broker_faults: usize,
 }
+
+/// Per key, the lowest id whose delivery failed and that is pending again (in backoff), since the
+/// pipeline was last empty. An acknowledgment of a higher id of the key is an order violation; one of that
+/// id itself is its retry getting through.
+pub type FailedHeads = HashMap<TopicKey, i64>;
 
 /// Decides the settle action of every event from its delivery. `deliveries[i]` belongs to `batch[i]`;
 /// `jitter` yields numbers in [0, 1).
@@ -223,10 +309,10 @@ pub fn settle(
     policy: &RetryPolicy,
     jitter: impl FnMut() -> f64,
 ) -> SettlePlan {
-    settle_after(batch, deliveries, policy, jitter, &HashSet::new())
+    settle_after(batch, deliveries, policy, jitter, &FailedHeads::new())
 }
 
-/// [`settle`] for a batch that was in flight with earlier ones: `failed_before` holds the keys whose
+/// [`settle`] for a batch that was in flight with earlier ones: `failed_before` holds the heads whose
 /// delivery failed in those batches (an acknowledgment of a later event of such a key is an order
 /// violation as well).
 pub fn settle_after(
@@ -234,16 +320,21 @@ pub fn settle_after(
     deliveries: &[Delivery],
     policy: &RetryPolicy,
     mut jitter: impl FnMut() -> f64,
-    failed_before: &HashSet<TopicKey>,
+    failed_before: &FailedHeads,
 ) -> SettlePlan {
     debug_assert_eq!(batch.len(), deliveries.len());
-    let mut plan = SettlePlan::default();
+    let mut plan = SettlePlan {
+        failed_heads: failed_before.clone(),
+        ..SettlePlan::default()
+    };
     for (ev, delivery) in batch.iter().zip(deliveries) {
         let key = topic_key(ev);
         match delivery {
             Delivery::Acked { partition, offset } => {
-                if plan.failed_keys.contains(&key) || failed_before.contains(&key) {
-                    plan.order_violations += 1;
+                match plan.failed_heads.get(&key) {
+                    Some(head) if *head < ev.id => plan.order_violations += 1,
+                    Some(head) if *head == ev.id => drop(plan.failed_heads.remove(&key)),
+                    _ => {}
                 }
                 plan.actions.push(Settle::Delivered {
                     id: ev.id,
@@ -252,13 +343,23 @@ pub fn settle_after(
                 });
             }
             Delivery::Withheld => {}
-            Delivery::Failed {
-                error, permanent, ..
-            } => {
-                plan.failed_keys.insert(key);
-                let attempts = ev.attempts + 1;
-                let dead = permanent
-                    .or((attempts >= policy.max_attempts).then_some(DeadReason::MaxAttempts));
+            Delivery::Failed { error, fault, .. } => {
+                plan.failed_keys.insert(key.clone());
+                let dead = match fault {
+                    Fault::Permanent(reason) => Some(*reason),
+                    Fault::Record => {
+                        (ev.attempts + 1 >= policy.max_attempts).then_some(DeadReason::MaxAttempts)
+                    }
+                    Fault::Broker => None,
+                };
+                if *fault == Fault::Broker {
+                    plan.broker_faults += 1;
+                }
+                if dead.is_none() {
+                    // Pending again: later events of its key must not be acknowledged before it.
+                    let head = plan.failed_heads.entry(key.clone()).or_insert(ev.id);
+                    *head = (*head).min(ev.id);
+                }
                 plan.actions.push(match dead {
                     Some(reason) => Settle::Dead {
                         id: ev.id,
@@ -266,10 +367,16 @@ pub fn settle_after(
                         error: error.clone(),
                         parked: policy.poison == PoisonPolicy::ParkKey,
                     },
+                    // A broker fault backs off as a first retry does: the loop's wait for the broker,
+                    // not a growing per-event delay, paces an outage.
                     None => Settle::Retry {
                         id: ev.id,
-                        delay: backoff(ev.attempts, policy, jitter()),
+                        delay: match fault {
+                            Fault::Broker => backoff(0, policy, jitter()),
+                            _ => backoff(ev.attempts, policy, jitter()),
+                        },
                         error: error.clone(),
+                        counts: *fault != Fault::Broker,
                     },
                 });
             }
@@ -308,7 +415,7 @@ mod tests {
         assert!(matches!(
             slots[1],
             Some(Delivery::Failed {
-                permanent: Some(DeadReason::TooLarge),
+                fault: Fault::Permanent(DeadReason::TooLarge),
                 ..
             })
         ));
@@ -330,7 +437,7 @@ mod tests {
         bad.topic = "no spaces".into();
         let slots = prepare(&[bad], 1000, PoisonPolicy::ParkKey);
         assert!(
-            matches!(&slots[0], Some(Delivery::Failed { permanent: Some(DeadReason::InvalidTopic), error, .. }) if error.contains("illegal character"))
+            matches!(&slots[0], Some(Delivery::Failed { fault: Fault::Permanent(DeadReason::InvalidTopic), error, .. }) if error.contains("illegal character"))
         );
     }
 
@@ -353,7 +460,7 @@ mod tests {
         let failed = Delivery::Failed {
             error: "timed out".into(),
             code: "c".into(),
-            permanent: None,
+            fault: Fault::Record,
         };
         let plan = settle(
             &[e1, e2],
@@ -382,7 +489,7 @@ mod tests {
             Delivery::Failed {
                 error: "x".into(),
                 code: "c".into(),
-                permanent: None,
+                fault: Fault::Record,
             },
             Delivery::Acked {
                 partition: 0,
@@ -413,7 +520,7 @@ mod tests {
             Delivery::Failed {
                 error: "big".into(),
                 code: "c".into(),
-                permanent: Some(DeadReason::TooLarge),
+                fault: Fault::Permanent(DeadReason::TooLarge),
             },
             Delivery::Withheld,
         ];
@@ -475,7 +582,7 @@ mod tests {
         let failed = Delivery::Failed {
             error: "timed out".into(),
             code: "MessageTimedOut".into(),
-            permanent: None,
+            fault: Fault::Record,
         };
         let acked = Delivery::Acked {
             partition: 0,
@@ -488,6 +595,7 @@ mod tests {
             || 0.0,
         );
         assert_eq!(first.failed_keys, HashSet::from([key("a")]));
+        assert_eq!(first.failed_heads, FailedHeads::from([(key("a"), 1)]));
         assert_eq!(first.order_violations, 0);
 
         let later = vec![ev(3, "a", 1), ev(4, "b", 1)];
@@ -496,12 +604,25 @@ mod tests {
             &[acked.clone(), acked],
             &policy(PoisonPolicy::ParkKey),
             || 0.0,
-            &first.failed_keys,
+            &first.failed_heads,
         );
         assert_eq!(
             second.order_violations, 1,
             "a's later event overtook its failed head"
         );
         assert!(second.failed_keys.is_empty());
+        // The retry of the failed head itself getting through is no violation, and clears the head.
+        let retry = settle_after(
+            &[ev(1, "a", 1)],
+            &[Delivery::Acked {
+                partition: 0,
+                offset: 2,
+            }],
+            &policy(PoisonPolicy::ParkKey),
+            || 0.0,
+            &first.failed_heads,
+        );
+        assert_eq!(retry.order_violations, 0);
+        assert!(retry.failed_heads.is_empty());
     }
 }

@@ -71,6 +71,12 @@ pub struct Metrics {
     pub database_up: Gauge,
     /// 1 while the broker answers.
     pub broker_up: Gauge,
+    /// Times the loop stopped claiming because deliveries failed through the broker's fault.
+    pub broker_waits: Counter,
+    /// 1 while the loop does not claim, waiting for the broker to answer again.
+    pub claiming_paused: Gauge,
+    /// Copies to `<topic>.dlq` that failed (the dead row keeps them due; they are sent again).
+    pub dlq_failures: Counter,
 }
 
 fn lease_buckets() -> Histogram {
@@ -108,6 +114,9 @@ impl Metrics {
             lease_write_seconds: Family::new_with_constructor(lease_buckets),
             database_up: Gauge::default(),
             broker_up: Gauge::default(),
+            broker_waits: Counter::default(),
+            claiming_paused: Gauge::default(),
+            dlq_failures: Counter::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -201,6 +210,21 @@ impl Metrics {
             "broker_up",
             "1 while the Kafka broker answers",
             m.broker_up.clone(),
+        );
+        registry.register(
+            "broker_waits",
+            "Times claiming stopped because deliveries failed through the broker's or the network's fault",
+            m.broker_waits.clone(),
+        );
+        registry.register(
+            "claiming_paused",
+            "1 while the relay does not claim, waiting for the broker to answer again",
+            m.claiming_paused.clone(),
+        );
+        registry.register(
+            "dlq_failures",
+            "Copies of dead rows to <topic>.dlq that failed and stay due",
+            m.dlq_failures.clone(),
         );
         Self { registry, ..m }
     }

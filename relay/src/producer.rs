@@ -13,7 +13,7 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
 use rdkafka::ClientContext;
 
-use crate::decide::{DeadReason, Delivery};
+use crate::decide::{DeadReason, Delivery, Fault};
 use crate::event::ClaimedEvent;
 use crate::health::Health;
 
@@ -81,21 +81,56 @@ impl ClientContext for RelayContext {
     }
 }
 
-/// Sorts a delivery error into a metrics label and, when retrying cannot help, a dead-letter reason.
-pub fn classify(err: &KafkaError) -> (String, Option<DeadReason>) {
+/// Sorts a delivery error into a metrics label and whose fault it is: one cause, one reason. Failures
+/// that are the broker's or the network's never count toward `--max-attempts`; only errors about the
+/// record itself (or its topic) do, and those certain to repeat dead-letter it at once.
+pub fn classify(err: &KafkaError) -> (String, Fault) {
     use RDKafkaErrorCode as C;
     let Some(code) = err.rdkafka_error_code() else {
-        return ("client".into(), None);
+        return ("client".into(), Fault::Broker);
     };
-    let permanent = match code {
-        C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidRecord => {
-            Some(DeadReason::TooLarge)
+    let fault = match code {
+        C::MessageSizeTooLarge | C::MessageBatchTooLarge | C::InvalidMessageSize => {
+            Fault::Permanent(DeadReason::TooLarge)
         }
-        C::InvalidTopic => Some(DeadReason::InvalidTopic),
-        C::InvalidMessage | C::UnsupportedForMessageFormat => Some(DeadReason::Rejected),
-        _ => None,
+        C::InvalidTopic => Fault::Permanent(DeadReason::InvalidTopic),
+        C::InvalidRecord
+        | C::InvalidMessage
+        | C::UnsupportedForMessageFormat
+        | C::BadMessage
+        | C::InvalidTimestamp => Fault::Permanent(DeadReason::Rejected),
+        C::MessageTimedOut
+        | C::BrokerTransportFailure
+        | C::Resolve
+        | C::AllBrokersDown
+        | C::OperationTimedOut
+        | C::TimedOutQueue
+        | C::QueueFull
+        | C::RequestTimedOut
+        | C::NetworkException
+        | C::BrokerNotAvailable
+        | C::LeaderNotAvailable
+        | C::NotLeaderForPartition
+        | C::ReplicaNotAvailable
+        | C::NotEnoughReplicas
+        | C::NotEnoughReplicasAfterAppend
+        | C::ISRInsufficient
+        | C::KafkaStorageError
+        | C::ThrottlingQuotaExceeded
+        | C::NotController
+        | C::PurgeQueue
+        | C::PurgeInflight
+        | C::Fatal
+        | C::OutOfOrderSequenceNumber
+        | C::InvalidProducerEpoch
+        | C::UnknownProducerId
+        | C::Retry
+        | C::SSL
+        | C::Authentication
+        | C::WaitCache => Fault::Broker,
+        _ => Fault::Record,
     };
-    (format!("{code:?}"), permanent)
+    (format!("{code:?}"), fault)
 }
 
 /// The relay's producer.
@@ -153,7 +188,9 @@ impl Producer {
                 .client()
                 .fetch_metadata(Some(&t), Duration::from_secs(5))
                 .ok()?;
-            let n = md.topics().first().map(|t| t.partitions().len() as i32)?;
+            // A topic-level error (no leader, unknown topic) makes the count untrustworthy: wait.
+            let t = md.topics().first().filter(|t| t.error().is_none())?;
+            let n = t.partitions().len() as i32;
             (n > 0).then_some(n)
         })
         .await
@@ -166,19 +203,26 @@ impl Producer {
         Some(n)
     }
 
-    async fn explicit_partition(&self, ev: &ClaimedEvent) -> Option<i32> {
-        match self.settings.partitioning {
-            Partitioning::Key => None,
+    /// The partition the relay chooses itself (`Ok(None)`: librdkafka's key partitioner). `Err` when the
+    /// partition count is unknown: the record waits rather than falling back to another partitioner,
+    /// which would put it on a different partition than its predecessors.
+    async fn explicit_partition(&self, ev: &ClaimedEvent) -> Result<Option<i32>, Delivery> {
+        if self.settings.partitioning == Partitioning::Key {
+            return Ok(None);
+        }
+        let Some(n) = self.partitions(&ev.topic).await else {
+            return Err(partition_unknown(&ev.topic));
+        };
+        Ok(Some(match self.settings.partitioning {
+            Partitioning::Key => unreachable!("returned above"),
             Partitioning::RoundRobin => {
-                let n = self.partitions(&ev.topic).await?;
-                Some((self.round_robin.fetch_add(1, Ordering::Relaxed) % n as u32) as i32)
+                (self.round_robin.fetch_add(1, Ordering::Relaxed) % n as u32) as i32
             }
             Partitioning::EventType => {
-                let n = self.partitions(&ev.topic).await?;
                 let basis = ev.event_type.as_deref().unwrap_or(&ev.key);
-                Some(java_partition(basis.as_bytes(), n))
+                java_partition(basis.as_bytes(), n)
             }
-        }
+        }))
     }
 
     /// Sends every event whose slot is `None`, then awaits all delivery reports. Returns one outcome per
@@ -202,12 +246,26 @@ impl Producer {
         slots: Vec<Option<Delivery>>,
     ) -> tokio::task::JoinHandle<Vec<Outcome>> {
         let mut pending = Vec::with_capacity(batch.len());
+        // Once a topic's partition count is unknown, the rest of its records in this batch wait too: a
+        // later one must not go out while an earlier one waits.
+        let mut unpartitioned: Vec<&str> = Vec::new();
         for (ev, slot) in batch.iter().zip(slots) {
             if let Some(decided) = slot {
                 pending.push(Err(decided));
                 continue;
             }
-            let partition = self.explicit_partition(ev).await;
+            if unpartitioned.contains(&ev.topic.as_str()) {
+                pending.push(Err(partition_unknown(&ev.topic)));
+                continue;
+            }
+            let partition = match self.explicit_partition(ev).await {
+                Ok(p) => p,
+                Err(waits) => {
+                    unpartitioned.push(&ev.topic);
+                    pending.push(Err(waits));
+                    continue;
+                }
+            };
             pending.push(
                 self.enqueue(&ev.topic, ev, partition, &ev.payload, &ev.kafka_headers())
                     .await,
@@ -257,22 +315,21 @@ impl Producer {
         }
     }
 
-    /// Publishes a dead event to `<topic>.dlq` with error headers; the payload is left out when it was
-    /// the reason (too large).
+    /// Publishes a dead event to `<topic>.dlq` with error headers (`reason` as stored in
+    /// `outbox.dead.reason`); the payload is left out only when its size was the reason.
     pub async fn send_dlq(
         &self,
         ev: &ClaimedEvent,
-        reason: DeadReason,
+        reason: &str,
         error: &str,
     ) -> Result<(), String> {
-        let topic = format!("{}.dlq", ev.topic);
-        outbox::validate::topic(&topic).map_err(|e| e.to_string())?;
+        let topic = dlq_topic(&ev.topic);
         let mut headers = ev.kafka_headers();
-        headers.push(("outbox.reason".into(), reason.as_str().into()));
+        headers.push(("outbox.reason".into(), reason.into()));
         headers.push(("outbox.error".into(), error.into()));
         headers.push(("outbox.attempts".into(), (ev.attempts + 1).to_string()));
         headers.push(("outbox.original_topic".into(), ev.topic.clone()));
-        let payload: &[u8] = if reason == DeadReason::TooLarge {
+        let payload: &[u8] = if reason == DeadReason::TooLarge.as_str() {
             &[]
         } else {
             &ev.payload
@@ -303,10 +360,24 @@ impl Producer {
         }
     }
 
+    /// The producer's fatal error, if it raised one (the idempotent producer's state is then lost and
+    /// every later record fails): the process must exit so a fresh producer publishes again.
+    pub fn fatal_error(&self) -> Option<String> {
+        self.inner
+            .client()
+            .fatal_error()
+            .map(|(code, reason)| format!("{code:?}: {reason}"))
+    }
+
     /// Waits for outstanding records (shutdown).
     pub fn flush(&self, timeout: Duration) {
         let _ = self.inner.flush(timeout);
     }
+}
+
+/// The dead-letter topic of `topic`.
+pub fn dlq_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
 }
 
 /// Waits for one delivery report.
@@ -322,11 +393,11 @@ async fn delivery_of(fut: rdkafka::producer::DeliveryFuture) -> Delivery {
 }
 
 fn failed(e: &KafkaError) -> Delivery {
-    let (code, permanent) = classify(e);
+    let (code, fault) = classify(e);
     Delivery::Failed {
         error: e.to_string(),
         code,
-        permanent,
+        fault,
     }
 }
 
@@ -334,7 +405,18 @@ fn dropped_report() -> Delivery {
     Delivery::Failed {
         error: "producer dropped the delivery report".into(),
         code: "dropped".into(),
-        permanent: None,
+        fault: Fault::Broker,
+    }
+}
+
+/// The partition count of the topic could not be read (a metadata failure): the broker's fault.
+fn partition_unknown(topic: &str) -> Delivery {
+    Delivery::Failed {
+        error: format!(
+            "partition count of `{topic}` unknown (metadata unavailable); the record waits"
+        ),
+        code: "partition_unknown".into(),
+        fault: Fault::Broker,
     }
 }
 
@@ -374,11 +456,39 @@ mod tests {
 
     #[test]
     fn errors_are_classified() {
-        let big = KafkaError::MessageProduction(RDKafkaErrorCode::MessageSizeTooLarge);
-        assert_eq!(classify(&big).1, Some(DeadReason::TooLarge));
-        let timeout = KafkaError::MessageProduction(RDKafkaErrorCode::MessageTimedOut);
-        assert_eq!(classify(&timeout), ("MessageTimedOut".into(), None));
-        let topic = KafkaError::MessageProduction(RDKafkaErrorCode::InvalidTopic);
-        assert_eq!(classify(&topic).1, Some(DeadReason::InvalidTopic));
+        let fault = |c| classify(&KafkaError::MessageProduction(c)).1;
+        use RDKafkaErrorCode as C;
+        assert_eq!(
+            fault(C::MessageSizeTooLarge),
+            Fault::Permanent(DeadReason::TooLarge)
+        );
+        assert_eq!(
+            fault(C::InvalidTopic),
+            Fault::Permanent(DeadReason::InvalidTopic)
+        );
+        // One reason per cause: a record the broker refuses as invalid is not "too large".
+        assert_eq!(
+            fault(C::InvalidRecord),
+            Fault::Permanent(DeadReason::Rejected)
+        );
+        // The broker's and the network's faults never count toward max attempts.
+        for c in [
+            C::MessageTimedOut,
+            C::AllBrokersDown,
+            C::BrokerTransportFailure,
+            C::RequestTimedOut,
+            C::LeaderNotAvailable,
+            C::NotLeaderForPartition,
+            C::NotEnoughReplicas,
+            C::NotEnoughReplicasAfterAppend,
+            C::ThrottlingQuotaExceeded,
+            C::PurgeQueue,
+        ] {
+            assert_eq!(fault(c), Fault::Broker, "{c:?}");
+        }
+        assert_eq!(fault(C::UnknownTopicOrPartition), Fault::Record);
+        assert_eq!(fault(C::TopicAuthorizationFailed), Fault::Record);
+        let timeout = KafkaError::MessageProduction(C::MessageTimedOut);
+        assert_eq!(classify(&timeout).0, "MessageTimedOut");
     }
 }

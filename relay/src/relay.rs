@@ -1,6 +1,6 @@
 //! The claim → produce → settle loop, and the monitors that feed health and metrics.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -13,9 +13,10 @@ use crate::coordinator::{Coordinator, Leadership};
 use crate::decide::{self, RetryPolicy, Settle, TopicKey};
 use crate::health::{Health, Role};
 use crate::metrics::{Metrics, Reason};
-use crate::producer::Producer;
+use crate::pipeline::{Abort, Acknowledged, InFlight, Pipeline};
+use crate::producer::{dlq_topic, Producer};
 use crate::retention;
-use crate::store::{Retention, Store, StoreError};
+use crate::store::{Claim, Retention, Store};
 
 /// Settings of the publish loop.
 #[derive(Debug, Clone)]
@@ -66,104 +67,8 @@ pub struct Relay {
     metrics: Arc<Metrics>,
     health: Arc<Health>,
     ack_observer: Option<AckObserver>,
-}
-
-/// A claimed batch whose records are enqueued, waiting for acknowledgments before it settles.
-struct InFlight {
-    tx: sqlx::Transaction<'static, sqlx::Postgres>,
-    batch: Vec<crate::event::ClaimedEvent>,
-    deliveries: tokio::task::JoinHandle<Vec<crate::producer::Outcome>>,
-    /// Keys this batch parks (see [`decide::parked_keys`]).
-    parked: HashSet<TopicKey>,
-}
-
-/// A batch whose deliveries all ended; its claim transaction is still open.
-struct Acknowledged {
-    tx: sqlx::Transaction<'static, sqlx::Postgres>,
-    batch: Vec<crate::event::ClaimedEvent>,
-    outcomes: Vec<crate::producer::Outcome>,
-    parked: HashSet<TopicKey>,
-}
-
-/// Batches in flight, oldest first, and what later batches must know about the earlier ones.
-///
-/// Ordering across batches: batch N+1 is claimed only after every record of batch N was handed to the one
-/// idempotent producer, so records of a key reach their partition in id order; keys batch N parks are
-/// withheld from N+1 (the `outbox.dead` row that makes the claim skip them is not committed yet); batches
-/// settle oldest first, and a failed settle rolls every batch in flight back. Fencing: each claim
-/// transaction share-locks the fence row until it commits, so no new holder's epoch can land before any
-/// of these commits.
-struct Pipeline {
-    batches: VecDeque<InFlight>,
-    /// Keys whose delivery failed in batches settled while later ones were in flight.
-    failed: HashSet<TopicKey>,
-    /// When the last claim scanned from the start of the outbox (see [`Pipeline::claim_after`]).
-    last_full_scan: Instant,
-    /// The last claim above the batches in flight came back short: scan from the start next.
-    full_scan_due: bool,
-}
-
-/// How often a busy pipeline still claims from the start of the outbox: rows that were committed late
-/// below the batches in flight, or whose retry came due, wait at most this long.
-const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
-
-impl Default for Pipeline {
-    fn default() -> Self {
-        Self {
-            batches: VecDeque::new(),
-            failed: HashSet::new(),
-            last_full_scan: Instant::now(),
-            full_scan_due: true,
-        }
-    }
-}
-
-impl Pipeline {
-    /// Where the next claim starts. While batches are in flight their rows are locked, and a claim from
-    /// the start would step over every one of them (`SKIP LOCKED` still visits each row); claiming above
-    /// the highest id in flight skips that work. Rows below it that are not in flight (late commits,
-    /// retries come due) are picked up by a scan from the start, at least every [`FULL_SCAN_EVERY`] and
-    /// whenever a claim above came back short.
-    fn claim_after(&self, committing: Option<i64>) -> i64 {
-        let highest = self
-            .batches
-            .iter()
-            .filter_map(|b| b.batch.last().map(|e| e.id))
-            .chain(committing)
-            .max();
-        match highest {
-            Some(id) if !self.full_scan_due && self.last_full_scan.elapsed() < FULL_SCAN_EVERY => {
-                id
-            }
-            _ => 0,
-        }
-    }
-
-    /// Records how a claim that started at `after` came back.
-    fn claimed(&mut self, after: i64, full: bool) {
-        if after == 0 {
-            self.last_full_scan = Instant::now();
-            self.full_scan_due = false;
-        } else if !full {
-            self.full_scan_due = true;
-        }
-    }
-
-    fn parked(&self) -> HashSet<TopicKey> {
-        self.batches
-            .iter()
-            .flat_map(|b| b.parked.iter().cloned())
-            .collect()
-    }
-
-    /// Rolls back every batch in flight (dropping a transaction rolls it back): their events stay pending
-    /// and are published again; records already sent become duplicates, never losses.
-    fn abort(&mut self) -> usize {
-        let n = self.batches.len();
-        self.batches.clear();
-        self.failed.clear();
-        n
-    }
+    /// Wakes the DLQ forwarder when a batch committed dead rows.
+    dead_committed: tokio::sync::Notify,
 }
 
 /// How a step of the publish loop ended when leadership can be lost during it.
@@ -186,6 +91,14 @@ async fn unless_lost<T>(
 /// Receives every commit→ack latency in seconds (benchmarks need exact samples, not histogram buckets).
 pub type AckObserver = Arc<dyn Fn(f64) + Send + Sync>;
 
+/// What settling the oldest batch (and the claim overlapping its commit) came to.
+enum Settled {
+    /// Settled and committed; `broker_faults` deliveries failed through the broker's fault.
+    Committed { broker_faults: usize },
+    /// The step failed: roll everything in flight back.
+    Aborted(Abort),
+}
+
 impl Relay {
     /// Builds a relay; nothing runs until [`Relay::run`].
     pub fn new(
@@ -204,6 +117,7 @@ impl Relay {
             metrics,
             health,
             ack_observer: None,
+            dead_committed: tokio::sync::Notify::new(),
         }
     }
 
@@ -219,8 +133,9 @@ impl Relay {
     }
 
     /// Publishes until `shutdown`: acquire leadership, loop over batches until it is lost, release, repeat.
-    /// On shutdown the in-flight batch is finished before returning. Fails (after rolling back and
-    /// releasing the leadership) when the Kafka producer is stuck ([`StoreError::ProducerStuck`]).
+    /// While it leads, the DLQ forwarder sends the copies of dead rows. On shutdown the batches in flight
+    /// are finished before returning. Fails (after rolling back and releasing the leadership) when the
+    /// Kafka producer is stuck or failed fatally ([`Abort::ends_process`]).
     pub async fn run(
         &self,
         coordinator: &mut dyn Coordinator,
@@ -233,14 +148,21 @@ impl Relay {
             self.health.set_role(Role::Active);
             self.metrics.active.set(1);
             self.maintain_archive().await;
-            let published = self.publish_while(&leadership, &shutdown).await;
+            let forwarding = CancellationToken::new();
+            let publishing = async {
+                let r = self.publish_while(&leadership, &shutdown).await;
+                forwarding.cancel();
+                r
+            };
+            let (published, ()) = tokio::join!(publishing, self.forward_dlq(&forwarding));
             self.metrics.in_flight_batches.set(0);
+            self.metrics.claiming_paused.set(0);
             self.metrics.active.set(0);
             self.health
                 .set_role(Role::Standby("leadership released".into()));
             coordinator.release().await;
-            // A stuck producer cannot be trusted again: exit, so a fresh process (its pod restarted)
-            // publishes the rolled-back batches.
+            // A stuck or failed producer cannot be trusted again: exit, so a fresh process (its pod
+            // restarted) publishes the rolled-back batches.
             published?;
             if shutdown.is_cancelled() {
                 break;
@@ -261,61 +183,62 @@ impl Relay {
     }
 
     /// Publishes batch after batch until shutdown or loss of leadership, with up to
-    /// [`RelayConfig::in_flight_batches`] batches claimed and sent before the oldest settles. Losing the
-    /// leadership rolls every batch in flight back at once (and frees the fence row the next holder waits
-    /// for); a shutdown settles them first.
+    /// [`RelayConfig::in_flight_batches`] batches claimed and sent before the oldest settles (see
+    /// [`crate::pipeline`] for the ordering rules). Losing the leadership rolls every batch in flight
+    /// back at once (and frees the fence row the next holder waits for); a shutdown settles them first.
+    /// After deliveries failed through the broker's fault it stops claiming until the broker answers.
     async fn publish_while(
         &self,
         leadership: &Leadership,
         shutdown: &CancellationToken,
-    ) -> anyhow::Result<()> {
+    ) -> Result<(), Abort> {
         let lost = &leadership.lost;
         let depth = self.cfg.in_flight_batches.max(1);
         let mut pipeline = Pipeline::default();
         let mut listener = None;
         let mut errors = 0u32;
+        let mut broker_waits = 0u32;
         let mut last_maintenance = Instant::now();
         loop {
-            self.metrics
-                .in_flight_batches
-                .set(pipeline.batches.len() as i64);
+            self.metrics.in_flight_batches.set(pipeline.len() as i64);
             if lost.is_cancelled() {
-                self.aborted(&mut pipeline, "lost");
-                self.metrics.in_flight_batches.set(0);
+                self.aborted(&mut pipeline, &Abort::Lost);
                 return Ok(());
             }
             let stopping = shutdown.is_cancelled();
-            if stopping && pipeline.batches.is_empty() {
+            if stopping && pipeline.is_empty() {
                 return Ok(());
+            }
+            if broker_waits > 0 && pipeline.is_empty() && !stopping {
+                if !self.wait_for_broker(broker_waits, lost, shutdown).await {
+                    continue; // lost or shutting down: handled at the top
+                }
+                broker_waits = 0;
             }
             if self.cfg.notify && listener.is_none() && !stopping {
                 listener = self.listen().await;
             }
-            if pipeline.batches.is_empty() && last_maintenance.elapsed() > Duration::from_secs(3600)
-            {
+            if pipeline.is_empty() && last_maintenance.elapsed() > Duration::from_secs(3600) {
                 self.maintain_archive().await;
                 last_maintenance = Instant::now();
             }
-            // Fill the pipeline while claims come back full (more is likely waiting).
+            // Fill the pipeline while claims come back full (more is likely waiting); not while the
+            // broker is failing deliveries.
             let mut failure = None;
-            while !stopping && pipeline.batches.len() < depth {
-                let parked = pipeline.parked();
-                let after = pipeline.claim_after(None);
-                match unless_lost(lost, self.claim_and_send(leadership.epoch, &parked, after)).await
+            while !stopping && broker_waits == 0 && pipeline.len() < depth {
+                let claim = pipeline.next_claim(None);
+                let withheld = pipeline.withheld(None);
+                match unless_lost(
+                    lost,
+                    self.claim_and_send(leadership.epoch, &withheld, &claim),
+                )
+                .await
                 {
                     Guarded::Lost => break,
-                    Guarded::Done(Ok(None)) => {
-                        pipeline.claimed(after, false);
-                        break;
-                    }
-                    Guarded::Done(Ok(Some(b))) => {
-                        let full = b.batch.len() as i64 >= self.cfg.batch_size;
-                        pipeline.claimed(after, full);
-                        pipeline.batches.push_back(b);
-                        self.metrics
-                            .in_flight_batches
-                            .set(pipeline.batches.len() as i64);
-                        if !full {
+                    Guarded::Done(Ok(batch)) => {
+                        let more = pipeline.admit(claim.after, batch, self.cfg.batch_size);
+                        self.metrics.in_flight_batches.set(pipeline.len() as i64);
+                        if !more {
                             break;
                         }
                     }
@@ -326,64 +249,26 @@ impl Relay {
                 }
             }
             if failure.is_none() && !lost.is_cancelled() {
-                if let Some(oldest) = pipeline.batches.pop_front() {
-                    let span = batch_span(&oldest, leadership.epoch);
-                    let acked = match unless_lost(lost, self.acknowledged(oldest)).await {
+                if let Some(oldest) = pipeline.pop_oldest() {
+                    let overlap = !stopping && broker_waits == 0 && pipeline.len() < depth;
+                    match self
+                        .settle_oldest(&mut pipeline, oldest, leadership, overlap)
+                        .await
+                    {
                         Guarded::Lost => continue, // aborts at the top of the loop
-                        Guarded::Done(Ok(acked)) => acked,
-                        Guarded::Done(Err(e)) => {
-                            self.aborted(&mut pipeline, "producer_stuck");
-                            return Err(e.into());
-                        }
-                    };
-                    let settle_plan = self.settle_plan(&acked, &pipeline.failed);
-                    // The next claim overlaps this commit (the database works on both at once). It must not
-                    // take a key this batch failed or parked, nor one a batch still in flight parks: none of
-                    // those rows is committed yet, so the claim's own exclusions cannot see them.
-                    let overlap = !stopping && pipeline.batches.len() < depth;
-                    let after = pipeline.claim_after(acked.batch.last().map(|e| e.id));
-                    let mut withheld = pipeline.parked();
-                    withheld.extend(acked.parked.iter().cloned());
-                    withheld.extend(settle_plan.failed_keys.iter().cloned());
-                    let settling = tracing::Instrument::instrument(
-                        self.commit_settle(acked, settle_plan),
-                        span,
-                    );
-                    let claiming = async {
-                        match overlap {
-                            true => Some(
-                                self.claim_and_send(leadership.epoch, &withheld, after)
-                                    .await,
-                            ),
-                            false => None,
-                        }
-                    };
-                    let both = async { tokio::join!(settling, claiming) };
-                    if let Guarded::Done((settled, claimed)) = unless_lost(lost, both).await {
-                        match claimed {
-                            Some(Ok(Some(b))) => {
-                                let full = b.batch.len() as i64 >= self.cfg.batch_size;
-                                pipeline.claimed(after, full);
-                                pipeline.batches.push_back(b);
+                        Guarded::Done(Settled::Committed { broker_faults }) => {
+                            errors = 0;
+                            if broker_faults > 0 {
+                                broker_waits += 1;
+                                self.metrics.broker_waits.inc();
+                                tracing::warn!(
+                                    deliveries = broker_faults,
+                                    "deliveries failed through the broker's fault; no attempt counted, claiming stops until it answers"
+                                );
                             }
-                            Some(Ok(None)) => pipeline.claimed(after, false),
-                            Some(Err(e)) => failure = Some(e),
-                            None => {}
-                        }
-                        match settled {
-                            Ok((_, failed)) => {
-                                errors = 0;
-                                if pipeline.batches.is_empty() {
-                                    pipeline.failed.clear();
-                                } else {
-                                    pipeline.failed.extend(failed);
-                                }
-                            }
-                            Err(e) => failure = Some(e),
-                        }
-                        if failure.is_none() {
                             continue;
                         }
+                        Guarded::Done(Settled::Aborted(e)) => failure = Some(e),
                     }
                 }
             }
@@ -392,30 +277,30 @@ impl Relay {
             }
             let wait = match failure {
                 None => self.cfg.poll_interval,
-                Some(e @ StoreError::ProducerStuck(_)) => {
-                    self.aborted(&mut pipeline, "producer_stuck");
-                    return Err(e.into());
-                }
-                Some(StoreError::Fenced(f)) => {
-                    tracing::error!("{f}; stopping publishing");
-                    self.aborted(&mut pipeline, "fenced");
-                    lost.cancel();
-                    return Ok(());
-                }
-                Some(StoreError::Db(e)) => {
-                    // Later batches must not commit past an earlier one that failed.
-                    self.aborted(&mut pipeline, "database");
-                    errors += 1;
-                    if is_missing_partition(&e) {
-                        self.maintain_archive().await;
+                Some(e) => {
+                    self.aborted(&mut pipeline, &e);
+                    match e {
+                        Abort::Lost => continue,
+                        Abort::Fenced(f) => {
+                            tracing::error!("{f}; stopping publishing");
+                            lost.cancel();
+                            return Ok(());
+                        }
+                        Abort::Database(e) => {
+                            errors += 1;
+                            if is_missing_partition(&e) {
+                                self.maintain_archive().await;
+                            }
+                            let wait = process_kit::backoff::exponential(
+                                Duration::from_millis(200),
+                                Duration::from_secs(5),
+                                errors,
+                            );
+                            tracing::warn!("batch failed (database: {e}); its events stay pending; retrying in {wait:?}");
+                            wait
+                        }
+                        e @ (Abort::ProducerStuck(_) | Abort::ProducerFatal(_)) => return Err(e),
                     }
-                    let wait = process_kit::backoff::exponential(
-                        Duration::from_millis(200),
-                        Duration::from_secs(5),
-                        errors,
-                    );
-                    tracing::warn!("batch failed (database: {e}); its events stay pending; retrying in {wait:?}");
-                    wait
                 }
             };
             if stopping {
@@ -434,26 +319,124 @@ impl Relay {
         }
     }
 
-    /// Rolls the pipeline back; counts the batches dropped for a lost leadership, or the failure.
-    fn aborted(&self, pipeline: &mut Pipeline, reason: &str) {
-        let dropped = pipeline.abort();
-        let count = if reason == "lost" {
-            if dropped > 0 {
-                tracing::warn!(
-                    batches = dropped,
-                    "leadership lost; rolling the batches in flight back"
-                );
+    /// Acknowledges the oldest batch, then commits its settle while the next claim runs (when `overlap`:
+    /// the database works on both at once); the claimed batch joins the pipeline.
+    async fn settle_oldest(
+        &self,
+        pipeline: &mut Pipeline,
+        oldest: InFlight,
+        leadership: &Leadership,
+        overlap: bool,
+    ) -> Guarded<Settled> {
+        let lost = &leadership.lost;
+        let span = batch_span(&oldest, leadership.epoch);
+        let acked = match unless_lost(lost, self.acknowledged(oldest)).await {
+            Guarded::Lost => return Guarded::Lost,
+            Guarded::Done(Ok(acked)) => acked,
+            Guarded::Done(Err(e)) => return Guarded::Done(Settled::Aborted(e)),
+        };
+        let plan = self.settle_plan(&acked, pipeline.failed_before());
+        if plan.broker_faults > 0 {
+            if let Some(fatal) = self.producer.fatal_error() {
+                return Guarded::Done(Settled::Aborted(Abort::ProducerFatal(fatal)));
             }
-            dropped as u64
-        } else {
-            1
+        }
+        // The next claim must not take a key this batch failed or parked, nor one a batch still in
+        // flight parks: none of those rows is committed yet, so the claim's own exclusions cannot see them.
+        let claim = pipeline.next_claim(Some(&acked));
+        let withheld = pipeline.withheld(Some((&acked, &plan.failed_keys)));
+        let broker_faults = plan.broker_faults;
+        let settling = tracing::Instrument::instrument(self.commit_settle(acked, plan), span);
+        let claiming = async {
+            match overlap {
+                true => Some(
+                    self.claim_and_send(leadership.epoch, &withheld, &claim)
+                        .await,
+                ),
+                false => None,
+            }
+        };
+        let both = async { tokio::join!(settling, claiming) };
+        let Guarded::Done((settled, claimed)) = unless_lost(lost, both).await else {
+            return Guarded::Lost;
+        };
+        let mut failure = None;
+        match claimed {
+            Some(Ok(batch)) => {
+                pipeline.admit(claim.after, batch, self.cfg.batch_size);
+            }
+            Some(Err(e)) => failure = Some(e),
+            None => {}
+        }
+        match settled {
+            Ok((_, failed)) => pipeline.settled(failed),
+            Err(e) => failure = Some(e),
+        }
+        Guarded::Done(match failure {
+            Some(e) => Settled::Aborted(e),
+            None => Settled::Committed { broker_faults },
+        })
+    }
+
+    /// Waits until the broker answers a metadata request, after deliveries failed through its fault; at
+    /// least a backoff that grows with consecutive waits (a broker that answers metadata but refuses
+    /// produce requests must not be hammered). Readiness and `claiming_paused` show the wait. `false`
+    /// when the leadership was lost or shutdown began first.
+    async fn wait_for_broker(
+        &self,
+        waits: u32,
+        lost: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        self.metrics.claiming_paused.set(1);
+        self.health.set_broker(false);
+        let mut probes = 0;
+        let answered = loop {
+            let pause = process_kit::backoff::exponential(
+                Duration::from_millis(200),
+                Duration::from_secs(5),
+                waits + probes,
+            );
+            tokio::select! {
+                _ = shutdown.cancelled() => break false,
+                _ = lost.cancelled() => break false,
+                _ = tokio::time::sleep(pause) => {}
+            }
+            if self.producer.probe(Duration::from_secs(2)).await.is_ok() {
+                break true;
+            }
+            probes += 1;
+        };
+        if answered {
+            tracing::info!("the broker answers again; claiming resumes");
+            self.health.set_broker(true);
+        }
+        self.metrics.claiming_paused.set(0);
+        answered
+    }
+
+    /// Rolls the pipeline back; counts the batches dropped for a lost leadership, or the failure.
+    fn aborted(&self, pipeline: &mut Pipeline, why: &Abort) {
+        let dropped = pipeline.abort();
+        let count = match why {
+            Abort::Lost => {
+                if dropped > 0 {
+                    tracing::warn!(
+                        batches = dropped,
+                        "leadership lost; rolling the batches in flight back"
+                    );
+                }
+                dropped as u64
+            }
+            _ => 1,
         };
         if count > 0 {
             self.metrics
                 .batch_errors
-                .get_or_create(&Reason::of(reason))
+                .get_or_create(&Reason::of(why.label()))
                 .inc_by(count);
         }
+        self.metrics.in_flight_batches.set(0);
     }
 
     async fn listen(&self) -> Option<PgListener> {
@@ -463,13 +446,21 @@ impl Relay {
         Some(l)
     }
 
-    /// One claim → produce → settle transaction. Public so tests and tools can drive it.
-    pub async fn run_batch(&self, epoch: Option<i64>) -> Result<BatchReport, StoreError> {
-        match self.claim_and_send(epoch, &HashSet::new(), 0).await? {
+    /// One claim (from the start, nothing in flight) → produce → settle transaction. Public so tests and
+    /// tools can drive it.
+    pub async fn run_batch(&self, epoch: Option<i64>) -> Result<BatchReport, Abort> {
+        match self
+            .claim_and_send(epoch, &HashSet::new(), &Claim::from_start())
+            .await?
+        {
             Some(batch) => {
                 let span = batch_span(&batch, epoch);
-                let none_failed = HashSet::new();
-                let settling = self.settle_batch(batch, &none_failed);
+                let none_failed = decide::FailedHeads::new();
+                let settling = async {
+                    let acked = self.acknowledged(batch).await?;
+                    let plan = self.settle_plan(&acked, &none_failed);
+                    self.commit_settle(acked, plan).await
+                };
                 let (report, _) = tracing::Instrument::instrument(settling, span).await?;
                 Ok(report)
             }
@@ -477,14 +468,15 @@ impl Relay {
         }
     }
 
-    /// Opens the claim transaction (fence check, claim) and enqueues the batch, withholding events of keys
-    /// parked by batches still in flight. `None` when nothing is due.
+    /// Opens the claim transaction (fence check, claim) and enqueues the batch, withholding events of
+    /// `withheld` keys (parked or failed in batches whose rows are not committed yet). `None` when nothing
+    /// is due.
     async fn claim_and_send(
         &self,
         epoch: Option<i64>,
-        parked_before: &HashSet<TopicKey>,
-        after: i64,
-    ) -> Result<Option<InFlight>, StoreError> {
+        withheld: &HashSet<TopicKey>,
+        claim: &Claim,
+    ) -> Result<Option<InFlight>, Abort> {
         let mut tx = self.pool.begin().await?;
         if let Some(epoch) = epoch {
             self.store
@@ -493,7 +485,7 @@ impl Relay {
         }
         let batch = self
             .store
-            .claim(&mut tx, self.cfg.batch_size, after)
+            .claim(&mut tx, self.cfg.batch_size, claim)
             .await?;
         if batch.is_empty() {
             tx.commit().await?;
@@ -501,8 +493,7 @@ impl Relay {
         }
         self.metrics.batch_size.observe(batch.len() as f64);
         let poison = self.cfg.retry.poison;
-        let slots =
-            decide::prepare_after(&batch, self.cfg.max_message_bytes, poison, parked_before);
+        let slots = decide::prepare_after(&batch, self.cfg.max_message_bytes, poison, withheld);
         let parked = decide::parked_keys(&batch, &slots, poison);
         let deliveries = self.producer.enqueue_all(&batch, slots).await;
         Ok(Some(InFlight {
@@ -513,20 +504,8 @@ impl Relay {
         }))
     }
 
-    /// Awaits a batch's deliveries, settles every event in its claim transaction and commits. Returns the
-    /// report and the keys whose delivery failed.
-    async fn settle_batch(
-        &self,
-        in_flight: InFlight,
-        failed_before: &HashSet<TopicKey>,
-    ) -> Result<(BatchReport, HashSet<TopicKey>), StoreError> {
-        let acked = self.acknowledged(in_flight).await?;
-        let settle_plan = self.settle_plan(&acked, failed_before);
-        self.commit_settle(acked, settle_plan).await
-    }
-
     /// Waits for every delivery outcome of a batch in flight, at most the producer's deadline.
-    async fn acknowledged(&self, in_flight: InFlight) -> Result<Acknowledged, StoreError> {
+    async fn acknowledged(&self, in_flight: InFlight) -> Result<Acknowledged, Abort> {
         let InFlight {
             tx,
             batch,
@@ -536,7 +515,7 @@ impl Relay {
         let deadline = self.producer.delivery_deadline();
         let outcomes = tokio::time::timeout(deadline, deliveries)
             .await
-            .map_err(|_| StoreError::ProducerStuck(deadline))?
+            .map_err(|_| Abort::ProducerStuck(deadline))?
             .expect("delivery collector panicked");
         Ok(Acknowledged {
             tx,
@@ -550,7 +529,7 @@ impl Relay {
     fn settle_plan(
         &self,
         acked: &Acknowledged,
-        failed_before: &HashSet<TopicKey>,
+        failed_before: &decide::FailedHeads,
     ) -> decide::SettlePlan {
         let deliveries: Vec<_> = acked.outcomes.iter().map(|(d, _)| d.clone()).collect();
         decide::settle_after(
@@ -562,13 +541,14 @@ impl Relay {
         )
     }
 
-    /// Records the outcomes, writes the settle plan in the batch's claim transaction and commits. Returns
-    /// the report and the keys whose delivery failed.
+    /// Records the outcomes, writes the settle plan in the batch's claim transaction and commits. Dead
+    /// rows commit with the batch, marked for the DLQ forwarder: nothing waits for the broker inside the
+    /// claim transaction. Returns the report and the failed heads after this batch.
     async fn commit_settle(
         &self,
         acked: Acknowledged,
         settle_plan: decide::SettlePlan,
-    ) -> Result<(BatchReport, HashSet<TopicKey>), StoreError> {
+    ) -> Result<(BatchReport, decide::FailedHeads), Abort> {
         let Acknowledged {
             mut tx,
             batch,
@@ -611,20 +591,21 @@ impl Relay {
                         .find(|e| e.id == *id)
                         .expect("dead event is in the batch");
                     tracing::warn!(event_id = %ev.event_id, topic = %ev.topic, key = %ev.key, reason = reason.as_str(), "dead-lettered: {error}");
-                    if self.cfg.dlq {
-                        if let Err(e) = self.producer.send_dlq(ev, *reason, error).await {
-                            tracing::warn!(event_id = %ev.event_id, "DLQ publish failed (the dead row is kept): {e}");
-                        } else {
-                            self.metrics.dlq_published.inc();
-                        }
-                    }
                 }
             }
         }
         self.store
-            .settle(&mut tx, &settle_plan.actions, self.cfg.retention)
+            .settle(
+                &mut tx,
+                &settle_plan.actions,
+                self.cfg.retention,
+                self.cfg.dlq,
+            )
             .await?;
         tx.commit().await?;
+        if report.dead > 0 && self.cfg.dlq {
+            self.dead_committed.notify_one();
+        }
         self.metrics.published.inc_by(report.delivered as u64);
         self.metrics.retries.inc_by(report.retried as u64);
         for action in &settle_plan.actions {
@@ -644,7 +625,76 @@ impl Relay {
                 .order_violations
                 .inc_by(settle_plan.order_violations as u64);
         }
-        Ok((report, settle_plan.failed_keys))
+        Ok((report, settle_plan.failed_heads))
+    }
+
+    /// Sends the copies of dead rows to `<topic>.dlq` until `stop`, outside every claim transaction: a
+    /// DLQ topic that refuses them never blocks or repeats the main flow. Only the leader forwards, so
+    /// relays in standby send nothing.
+    async fn forward_dlq(&self, stop: &CancellationToken) {
+        if !self.cfg.dlq {
+            return;
+        }
+        let mut failures = 0u32;
+        while !stop.is_cancelled() {
+            let wait = match self.send_due_dlq().await {
+                Ok(0) => Duration::from_secs(5),
+                Ok(_) => {
+                    failures = 0;
+                    continue;
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!("DLQ copies not all sent (the dead rows keep them due): {e}");
+                    process_kit::backoff::exponential(
+                        Duration::from_millis(500),
+                        Duration::from_secs(30),
+                        failures,
+                    )
+                }
+            };
+            tokio::select! {
+                _ = stop.cancelled() => {}
+                _ = tokio::time::sleep(wait) => {}
+                _ = self.dead_committed.notified(), if failures == 0 => {}
+            }
+        }
+    }
+
+    /// Sends the copies of up to 100 dead rows whose copy is due and marks each sent once the broker
+    /// acknowledged it (a crash in between sends it again: at least once). Returns how many were sent;
+    /// an error when one failed. Public so tests and tools can drive it.
+    pub async fn send_due_dlq(&self) -> anyhow::Result<usize> {
+        let due = self.store.dlq_due(&self.pool, 100).await?;
+        let sends = due.iter().map(|d| async move {
+            (
+                d,
+                self.producer.send_dlq(&d.event, &d.reason, &d.error).await,
+            )
+        });
+        let mut sent = 0;
+        let mut failed = None;
+        for (d, result) in futures::future::join_all(sends).await {
+            match result {
+                Ok(()) => {
+                    self.store.dlq_sent(&self.pool, d.event.id).await?;
+                    self.metrics.dlq_published.inc();
+                    sent += 1;
+                }
+                Err(e) => {
+                    self.metrics.dlq_failures.inc();
+                    failed = Some(format!(
+                        "{} (event {}): {e}",
+                        dlq_topic(&d.event.topic),
+                        d.event.event_id
+                    ));
+                }
+            }
+        }
+        match failed {
+            Some(e) => anyhow::bail!("{e}"),
+            None => Ok(sent),
+        }
     }
 
     /// Starts the background monitors: database and broker probes (readiness) and backlog gauges.

@@ -6,6 +6,7 @@ use std::time::Duration;
 use outbox::SchemaName;
 use sqlx::{PgPool, Postgres, Transaction};
 
+pub use crate::decide::Claim;
 use crate::decide::Settle;
 use crate::event::ClaimedEvent;
 
@@ -42,11 +43,6 @@ pub enum StoreError {
     /// Database error.
     #[error("database: {0}")]
     Db(#[from] sqlx::Error),
-    /// A batch's delivery reports did not all arrive by the producer's deadline: the Kafka client is
-    /// stuck (seen with librdkafka after a run of delivery timeouts under idempotence). The batches in
-    /// flight roll back and the process exits, so a fresh client publishes them.
-    #[error("kafka producer stuck: delivery reports missing after {0:?}")]
-    ProducerStuck(Duration),
 }
 
 /// Snapshot of the pending table for metrics and status.
@@ -60,6 +56,18 @@ pub struct Backlog {
     pub retrying: i64,
     /// Rows in `outbox.dead`.
     pub dead: i64,
+}
+
+/// A dead row whose copy to `<topic>.dlq` is still due.
+#[derive(Debug, Clone, PartialEq, sqlx::FromRow)]
+pub struct DlqDue {
+    /// The event as it was claimed.
+    #[sqlx(flatten)]
+    pub event: ClaimedEvent,
+    /// `outbox.dead.reason`.
+    pub reason: String,
+    /// `outbox.dead.error`.
+    pub error: String,
 }
 
 /// SQL for one outbox schema.
@@ -82,15 +90,18 @@ impl Store {
         let archive = schema.table("archive");
         let cols = "id, event_id, topic, key, payload, headers, event_type, aggregate_type, aggregate_id, created_at, attempts";
         Self {
-            // A key never overtakes its head: skip keys with an earlier event in backoff or parked in dead.
-            // A claim above the batches in flight ($2 > 0) cannot reach an earlier event at or below $2, so
-            // a key with one that failed before waits for the next claim from the start.
+            // A key never overtakes its head: an event is claimed only when every earlier pending event of
+            // its key is claimed with it. An earlier row holds its key back when it is at or below the
+            // claim's start ($2: in hand, committed late, redriven, or left behind by a discard), in hand
+            // ($3, needed only by a claim from the start: a record in flight may still time out and must
+            // not be overtaken by a later batch), or in backoff — whatever its attempts. Keys parked in
+            // dead wait.
             claim_sql: format!(
-                "SELECT {cols} FROM {events} e WHERE e.next_attempt_at <= now() \
-                 AND NOT EXISTS (SELECT 1 FROM {events} p WHERE p.attempts > 0 AND p.topic = e.topic \
-                     AND p.key = e.key AND p.id < e.id AND (p.next_attempt_at > now() OR p.id <= $2)) \
+                "SELECT {cols} FROM {events} e WHERE e.next_attempt_at <= now() AND e.id > $2 \
+                 AND NOT EXISTS (SELECT 1 FROM {events} p WHERE p.topic = e.topic AND p.key = e.key \
+                     AND p.id < e.id AND (p.id <= $2 OR p.next_attempt_at > now() OR p.id = ANY($3))) \
                  AND NOT EXISTS (SELECT 1 FROM {dead} d WHERE d.parked AND d.topic = e.topic AND d.key = e.key) \
-                 AND e.id > $2 ORDER BY e.id LIMIT $1 FOR UPDATE OF e SKIP LOCKED"
+                 ORDER BY e.id LIMIT $1 FOR UPDATE OF e SKIP LOCKED"
             ),
             // FOR SHARE: a new holder's epoch bump waits for this transaction, so no stale commit can
             // interleave with the new holder's claims.
@@ -104,18 +115,20 @@ impl Store {
             ),
             // clock_timestamp(), not now(): now() is the claim transaction's start, which can be a whole
             // delivery timeout ago, and the backoff would already have elapsed.
+            // A failure that is the broker's or the network's (`counts` false) leaves `attempts` alone.
             retry_sql: format!(
-                "UPDATE {events} e SET attempts = e.attempts + 1, last_error = u.err, \
+                "UPDATE {events} e SET attempts = e.attempts + u.counts::int, last_error = u.err, \
                    next_attempt_at = clock_timestamp() + u.delay_ms * interval '1 millisecond' \
-                 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[]) AS u(id, delay_ms, err) WHERE e.id = u.id"
+                 FROM UNNEST($1::bigint[], $2::bigint[], $3::text[], $4::bool[]) AS u(id, delay_ms, err, counts) \
+                 WHERE e.id = u.id"
             ),
             dead_sql: format!(
                 "WITH d AS (DELETE FROM {events} e USING UNNEST($1::bigint[], $2::text[], $3::text[], $4::bool[]) \
                    AS u(id, reason, err, parked) WHERE e.id = u.id RETURNING e.*, u.reason, u.err, u.parked) \
                  INSERT INTO {dead} (id, event_id, topic, key, payload, headers, event_type, aggregate_type, \
-                   aggregate_id, created_at, attempts, reason, error, parked) \
+                   aggregate_id, created_at, attempts, reason, error, parked, dlq_due) \
                  SELECT id, event_id, topic, key, payload, headers, event_type, aggregate_type, aggregate_id, \
-                   created_at, attempts + 1, reason, err, parked FROM d"
+                   created_at, attempts + 1, reason, err, parked, $5 FROM d"
             ),
             schema,
         }
@@ -148,29 +161,33 @@ impl Store {
         Ok(())
     }
 
-    /// Claims up to `limit` due events in id order above `after` (0: from the start), locking them.
+    /// Claims up to `limit` due events in id order, locking them: those above `claim.after` (0: from the
+    /// start) whose earlier pending events of the same key are all in this claim (see [`Claim`]).
     pub async fn claim(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         limit: i64,
-        after: i64,
+        claim: &Claim,
     ) -> Result<Vec<ClaimedEvent>, StoreError> {
         Ok(sqlx::query_as(&self.claim_sql)
             .bind(limit)
-            .bind(after)
+            .bind(claim.after)
+            .bind(&claim.in_flight)
             .fetch_all(&mut **tx)
             .await?)
     }
 
-    /// Applies a settle plan in the claim transaction.
+    /// Applies a settle plan in the claim transaction. Dead rows are marked for the DLQ forwarder when
+    /// `dlq` is set.
     pub async fn settle(
         &self,
         tx: &mut Transaction<'_, Postgres>,
         actions: &[Settle],
         retention: Retention,
+        dlq: bool,
     ) -> Result<(), StoreError> {
         let (mut ids, mut parts, mut offs) = (vec![], vec![], vec![]);
-        let (mut r_ids, mut r_delays, mut r_errs) = (vec![], vec![], vec![]);
+        let (mut r_ids, mut r_delays, mut r_errs, mut r_counts) = (vec![], vec![], vec![], vec![]);
         let (mut d_ids, mut d_reasons, mut d_errs, mut d_parked) = (vec![], vec![], vec![], vec![]);
         for a in actions {
             match a {
@@ -183,10 +200,16 @@ impl Store {
                     parts.push(*partition);
                     offs.push(*offset);
                 }
-                Settle::Retry { id, delay, error } => {
+                Settle::Retry {
+                    id,
+                    delay,
+                    error,
+                    counts,
+                } => {
                     r_ids.push(*id);
                     r_delays.push(delay.as_millis() as i64);
                     r_errs.push(error.clone());
+                    r_counts.push(*counts);
                 }
                 Settle::Dead {
                     id,
@@ -224,6 +247,7 @@ impl Store {
                 .bind(&r_ids)
                 .bind(&r_delays)
                 .bind(&r_errs)
+                .bind(&r_counts)
                 .execute(&mut **tx)
                 .await?;
         }
@@ -233,9 +257,35 @@ impl Store {
                 .bind(&d_reasons)
                 .bind(&d_errs)
                 .bind(&d_parked)
+                .bind(dlq)
                 .execute(&mut **tx)
                 .await?;
         }
+        Ok(())
+    }
+
+    /// Up to `limit` dead rows whose DLQ copy is due, oldest first.
+    pub async fn dlq_due(&self, pool: &PgPool, limit: i64) -> Result<Vec<DlqDue>, sqlx::Error> {
+        // `attempts` as stored in dead already counts the last one; the DLQ header reports it as is.
+        sqlx::query_as(&format!(
+            "SELECT id, event_id, topic, key, payload, headers, event_type, aggregate_type, aggregate_id, \
+               created_at, attempts - 1 AS attempts, reason, error FROM {} WHERE dlq_due ORDER BY id LIMIT $1",
+            self.schema.table("dead")
+        ))
+        .bind(limit)
+        .fetch_all(pool)
+        .await
+    }
+
+    /// Marks the DLQ copy of dead row `id` as sent.
+    pub async fn dlq_sent(&self, pool: &PgPool, id: i64) -> Result<(), sqlx::Error> {
+        sqlx::query(&format!(
+            "UPDATE {} SET dlq_due = false WHERE id = $1",
+            self.schema.table("dead")
+        ))
+        .bind(id)
+        .execute(pool)
+        .await?;
         Ok(())
     }
 

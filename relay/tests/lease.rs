@@ -15,7 +15,7 @@ use relay::coordinator::Coordinator;
 use relay::health::Health;
 use relay::kube_lease::LeaseCoordinator;
 use relay::metrics::Metrics;
-use relay::store::StoreError;
+use relay::pipeline::Abort;
 use test_support::control_plane;
 use test_support::kafka::mock_cluster;
 use test_support::{free_port, wait_for};
@@ -191,7 +191,7 @@ async fn two_lease_relays_sigkill_the_leader_the_standby_publishes_after_expiry_
     insert_events(&db.pool, 1, 1, 9_000).await;
     let old = in_process(&db.pool, config(), kafka(mock.bootstrap_servers()));
     match old.relay.run_batch(Some(old_epoch)).await {
-        Err(StoreError::Fenced(f)) => println!("old epoch refused: {f}"),
+        Err(Abort::Fenced(f)) => println!("old epoch refused: {f}"),
         other => panic!("old epoch must be fenced, got {other:?}"),
     }
     assert_eq!(

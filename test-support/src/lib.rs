@@ -3,7 +3,8 @@
 //! broker ([`kafka`]) with an optional TLS listener (stunnel) in front, a real Kubernetes control plane
 //! ([`control_plane`], feature `control-plane`) and test certificate authorities ([`tls`], feature `tls`) and a time-bounded fuzzing driver
 //! ([`fuzz`], feature `fuzz`), and a TCP proxy that adds network latency on loopback ([`delay_proxy`]).
-//! [`cli`] runs a binary and checks how it refuses bad settings.
+//! [`cli`] runs a binary and checks how it refuses bad settings; [`history`] holds what a topic has against
+//! what was written (lost, duplicated, reordered).
 //! Nothing here touches a shared system database or a non-loopback address.
 
 pub mod cli;
@@ -12,6 +13,7 @@ pub mod control_plane;
 pub mod delay_proxy;
 #[cfg(feature = "fuzz")]
 pub mod fuzz;
+pub mod history;
 pub mod kafka;
 pub mod pg;
 pub mod prometheus;
