@@ -10,13 +10,16 @@ use crate::metrics::Metrics;
 /// Shared health flags, written by the consume loop, the librdkafka callbacks and the DB monitor: the
 /// database and the broker reachable, nothing else.
 #[derive(Debug, Default)]
-pub struct Health(Reachability);
+pub struct Health {
+    reach: Reachability,
+    stopped_at_gap: std::sync::atomic::AtomicBool,
+}
 
 impl std::ops::Deref for Health {
     type Target = Reachability;
 
     fn deref(&self) -> &Reachability {
-        &self.0
+        &self.reach
     }
 }
 
@@ -30,6 +33,8 @@ pub struct Readiness {
     pub database: bool,
     /// At least one broker connection up.
     pub broker: bool,
+    /// A partition is stopped at an offset gap seen twice (not ready: someone must look).
+    pub stopped_at_gap: bool,
     /// Partitions assigned to this member.
     pub assigned_partitions: usize,
 }
@@ -38,12 +43,22 @@ impl Health {
     /// The current readiness of a member owning `assigned_partitions` partitions.
     pub fn readiness(&self, assigned_partitions: usize) -> Readiness {
         let (database, broker) = (self.database(), self.broker());
+        let stopped_at_gap = self
+            .stopped_at_gap
+            .load(std::sync::atomic::Ordering::Relaxed);
         Readiness {
-            ready: database && broker,
+            ready: database && broker && !stopped_at_gap,
             database,
             broker,
+            stopped_at_gap,
             assigned_partitions,
         }
+    }
+
+    /// Records whether a partition is stopped at an offset gap.
+    pub fn set_stopped_at_gap(&self, stopped: bool) {
+        self.stopped_at_gap
+            .store(stopped, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

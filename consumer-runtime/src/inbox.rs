@@ -27,6 +27,7 @@ pub async fn migrate(
 pub struct Inbox {
     schema: SchemaName,
     record_all_sql: String,
+    record_dead_sql: String,
 }
 
 impl Inbox {
@@ -38,10 +39,35 @@ impl Inbox {
              ON CONFLICT (group_id, event_id) DO NOTHING RETURNING event_id",
             schema.table("inbox")
         );
+        let record_dead_sql = format!(
+            "INSERT INTO {} (group_id, event_id, topic, \"partition\", \"offset\", outcome) \
+             VALUES ($1, $2, $3, $4, $5, 'dead_lettered') ON CONFLICT (group_id, event_id) DO NOTHING",
+            schema.table("inbox")
+        );
         Self {
             schema,
             record_all_sql,
+            record_dead_sql,
         }
+    }
+
+    /// Records that `msg` went to the DLQ instead of the handler (after its copy there is durable): a
+    /// later copy of the event is then skipped as processed.
+    pub async fn record_dead(
+        &self,
+        pool: &PgPool,
+        group: &str,
+        msg: &Message,
+    ) -> Result<(), sqlx::Error> {
+        sqlx::query(&self.record_dead_sql)
+            .bind(group)
+            .bind(msg.event_id)
+            .bind(&msg.topic)
+            .bind(msg.partition)
+            .bind(msg.offset)
+            .execute(pool)
+            .await?;
+        Ok(())
     }
 
     /// Records a run of messages from one partition (one message, or many) in the caller's transaction, in

@@ -47,6 +47,8 @@ pub struct Metrics {
     pub client_restarts: Counter,
     /// Fetches that skipped offsets (see [`crate::continuity`]).
     pub offset_gaps: Counter,
+    /// Partitions stopped at an offset gap seen twice (see [`crate::continuity`]).
+    pub partitions_stopped_at_gap: Gauge,
     lag_series: Mutex<HashSet<TopicPartition>>,
 }
 
@@ -67,6 +69,7 @@ impl Default for Metrics {
             assigned_partitions: Gauge::default(),
             client_restarts: Counter::default(),
             offset_gaps: Counter::default(),
+            partitions_stopped_at_gap: Gauge::default(),
             lag_series: Mutex::default(),
         };
         registry.register(
@@ -122,8 +125,13 @@ impl Default for Metrics {
         );
         registry.register(
             "offset_gaps",
-            "Fetches that skipped offsets of a partition (fetched once more; accepted when seen again)",
+            "Fetches that skipped offsets of a partition (fetched once more; the partition stops when seen again)",
             m.offset_gaps.clone(),
+        );
+        registry.register(
+            "partitions_stopped_at_gap",
+            "Partitions stopped at an offset gap that was there again when fetched once more (loss on a relay topic)",
+            m.partitions_stopped_at_gap.clone(),
         );
         Self { registry, ..m }
     }

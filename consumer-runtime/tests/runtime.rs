@@ -106,6 +106,7 @@ fn config(brokers: String, group: &str) -> RuntimeConfig {
         concurrency: 2,
         inbox_retention: None,
         rejoin_timeout: Duration::from_secs(60),
+        accept_offset_gaps: false,
     }
 }
 
@@ -313,6 +314,52 @@ async fn permanent_exhausted_and_undecodable_records_go_to_the_dlq_and_the_rest_
         1,
         "failed handlers left no effects"
     );
+}
+
+/// A record sent to the DLQ leaves an inbox row: a later copy of the same event (a relay duplicate, a
+/// replay — here one the handler would accept) is skipped, so one event id reaches the group's handler at
+/// most once whatever happened before. Before the fix the second copy ran the handler after later events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_lettered_event_is_not_handled_again_when_it_comes_back() {
+    let pool = setup().await;
+    let mock = mock_cluster(1, &[(TOPIC, 1), ("orders.dlq", 1)]);
+    let (poison, later) = (Uuid::now_v7(), Uuid::now_v7());
+    produce(
+        &mock.bootstrap_servers(),
+        &[(Some(poison), "k", "poison"), (Some(later), "k", "ok")],
+    )
+    .await;
+    let (metrics, stop, task) = start(&pool, config(mock.bootstrap_servers(), "g"));
+    wait_for(
+        "the poison dead-lettered",
+        Duration::from_secs(30),
+        || async {
+            (metrics.dead_lettered.get() == 1 && metrics.processed.get() == 1).then_some(())
+        },
+    )
+    .await;
+    // The same event again, as a relay duplicate or a replay would bring it.
+    produce(&mock.bootstrap_servers(), &[(Some(poison), "k", "ok")]).await;
+    wait_for("the copy skipped", Duration::from_secs(30), || async {
+        (metrics.duplicates.get() >= 1).then_some(())
+    })
+    .await;
+    stop.cancel();
+    task.await.unwrap();
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM effects").await,
+        1,
+        "only the later event had an effect"
+    );
+    assert_eq!(metrics.dead_lettered.get(), 1);
+    let outcome: String = sqlx::query_scalar("SELECT outcome FROM inbox.inbox WHERE event_id = $1")
+        .bind(poison)
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(outcome, "dead_lettered");
+    let dlq = test_support::kafka::read_topic(&mock.bootstrap_servers(), "orders.dlq").unwrap();
+    assert_eq!(dlq.len(), 1);
 }
 
 #[tokio::test]

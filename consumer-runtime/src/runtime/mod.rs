@@ -74,6 +74,9 @@ pub struct RuntimeConfig {
     /// A group membership unsettled this long while a broker answers gets a new Kafka client (see
     /// [`crate::membership`]).
     pub rejoin_timeout: Duration,
+    /// Process past an offset gap seen twice (compacted or transactional topics) instead of stopping the
+    /// partition there (see [`crate::continuity`]).
+    pub accept_offset_gaps: bool,
 }
 
 impl RuntimeConfig {
@@ -101,9 +104,13 @@ impl RuntimeConfig {
             concurrency: 4,
             inbox_retention: None,
             rejoin_timeout: Duration::from_secs(60),
+            accept_offset_gaps: false,
         }
     }
 }
+
+/// How long a partition stopped at an offset gap waits before it fetches the missing offsets once more.
+const GAP_REFETCH: Duration = Duration::from_secs(30);
 
 type KafkaConsumer = StreamConsumer<Callbacks>;
 
@@ -140,6 +147,8 @@ type RetryState = HashMap<Slot, (i64, u32)>;
 struct Positions {
     expected: HashMap<Slot, i64>,
     refetched: HashMap<Slot, i64>,
+    /// Partitions stopped at a gap seen twice.
+    stalled: HashSet<Slot>,
     rebalances: u64,
 }
 
@@ -301,11 +310,7 @@ impl<H: Handler> Runtime<H> {
                         .rebalances
                         .load(std::sync::atomic::Ordering::SeqCst);
                     if rebalances != positions.rebalances {
-                        // Partitions moved: another member may have processed in between.
-                        positions = Positions {
-                            rebalances,
-                            ..Positions::default()
-                        };
+                        positions = self.positions_after_rebalance(consumer, positions, rebalances);
                     }
                     let now = Instant::now();
                     for (slot, r) in self.process_batch(consumer, batch, &mut retry, &mut positions).await {
@@ -313,6 +318,45 @@ impl<H: Handler> Runtime<H> {
                     }
                 }
             }
+        }
+    }
+}
+
+impl<H: Handler> Runtime<H> {
+    /// Positions after partitions moved. A partition this member kept goes on from where it was; one it
+    /// was given is expected at the group's committed offset, so a first fetch that starts past it is a
+    /// gap like any other (before, the check was blind until the first run after an assignment).
+    /// Gap bookkeeping starts over: another member may have processed in between.
+    fn positions_after_rebalance(
+        &self,
+        consumer: &KafkaConsumer,
+        before: Positions,
+        rebalances: u64,
+    ) -> Positions {
+        let mut expected = HashMap::new();
+        if let Ok(assigned) = consumer.assignment() {
+            let committed = consumer
+                .committed_offsets(assigned.clone(), Duration::from_secs(2))
+                .ok();
+            for e in assigned.elements() {
+                let slot = (e.topic().to_owned(), e.partition());
+                let at = before.expected.get(&slot).copied().or_else(|| {
+                    committed
+                        .as_ref()?
+                        .find_partition(e.topic(), e.partition())?
+                        .offset()
+                        .to_raw()
+                        .filter(|o| *o >= 0)
+                });
+                if let Some(at) = at {
+                    expected.insert(slot, at);
+                }
+            }
+        }
+        Positions {
+            expected,
+            rebalances,
+            ..Positions::default()
         }
     }
 }

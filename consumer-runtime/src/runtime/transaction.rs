@@ -53,42 +53,62 @@ impl<H: Handler> Runtime<H> {
                 None => runs.push((slot, vec![m])),
             }
         }
-        // A run cut short at a gap ends with fetching again from the expected offset.
-        let mut refetch: HashMap<Slot, i64> = HashMap::new();
+        // A run cut short at a gap ends with fetching again from the expected offset: at once the first
+        // time, after GAP_REFETCH while the gap is there again (the partition stops there unless gaps are
+        // accepted).
+        let mut refetch: HashMap<Slot, (i64, Duration)> = HashMap::new();
         for (slot, run) in runs.iter_mut() {
             let offsets: Vec<i64> = run.iter().map(|m| m.offset()).collect();
             let continuity =
                 crate::continuity::check(positions.expected.get(slot).copied(), &offsets);
-            if let crate::continuity::Continuity::GapAt {
+            let crate::continuity::Continuity::GapAt {
                 index,
                 expected,
                 found,
             } = continuity
-            {
-                self.metrics.offset_gaps.inc();
-                let (topic, partition) = (&slot.0, slot.1);
-                if positions.refetched.get(slot) == Some(&expected) {
-                    tracing::warn!(
-                        topic,
-                        partition,
-                        expected,
-                        found,
-                        "offsets missing again after fetching them once more; accepting the gap"
-                    );
-                } else {
-                    tracing::warn!(
-                        topic,
-                        partition,
-                        expected,
-                        found,
-                        "the broker skipped offsets; fetching again from the expected one"
-                    );
-                    positions.refetched.insert(slot.clone(), expected);
-                    run.truncate(index);
-                    refetch.insert(slot.clone(), expected);
+            else {
+                if !run.is_empty() && positions.stalled.remove(slot) {
+                    tracing::info!(topic = %slot.0, partition = slot.1, "the missing offsets arrived; the partition goes on");
                 }
+                continue;
+            };
+            self.metrics.offset_gaps.inc();
+            let (topic, partition) = (&slot.0, slot.1);
+            let missing = format!("{expected}..={}", found - 1);
+            if positions.refetched.get(slot) != Some(&expected) {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    missing,
+                    "the broker skipped offsets; fetching again from the expected one"
+                );
+                positions.refetched.insert(slot.clone(), expected);
+                run.truncate(index);
+                refetch.insert(slot.clone(), (expected, Duration::ZERO));
+            } else if self.cfg.accept_offset_gaps {
+                tracing::warn!(
+                    topic,
+                    partition,
+                    missing,
+                    "offsets missing again after fetching them once more; accepting the gap (--accept-offset-gaps)"
+                );
+            } else {
+                tracing::error!(
+                    topic,
+                    partition,
+                    missing,
+                    "offsets missing again after fetching them once more: on a relay topic that is loss; the partition stops here (set --accept-offset-gaps only for compacted or transactional topics)"
+                );
+                positions.stalled.insert(slot.clone());
+                run.truncate(index);
+                refetch.insert(slot.clone(), (expected, GAP_REFETCH));
             }
         }
+        self.metrics
+            .partitions_stopped_at_gap
+            .set(positions.stalled.len() as i64);
+        self.health
+            .set_stopped_at_gap(!positions.stalled.is_empty());
         let jobs: Vec<_> = runs
             .into_iter()
             .map(|(slot, run)| {
@@ -96,8 +116,8 @@ impl<H: Handler> Runtime<H> {
                 let refetch_from = refetch.get(&slot).copied();
                 async move {
                     let mut rewind = self.process_run(consumer, &slot, &run, prior).await;
-                    if let (None, Some(from)) = (&rewind, refetch_from) {
-                        rewind = Some(self.rewind(consumer, &slot, from, Duration::ZERO, None));
+                    if let (None, Some((from, delay))) = (&rewind, refetch_from) {
+                        rewind = Some(self.rewind(consumer, &slot, from, delay, None));
                     }
                     let next = match &rewind {
                         Some(r) => Some(r.offset),
@@ -335,6 +355,18 @@ impl<H: Handler> Runtime<H> {
                         "DLQ publish failed ({e}); retrying in {d:?}"
                     );
                     return Some(self.rewind(consumer, &slot, offset, d, None));
+                }
+                // The dead-lettering joins the inbox, so a later copy of the event (a relay duplicate, a
+                // replay) is skipped instead of running the handler after later events of its key. Until
+                // that row is written the record is not done: a retry may copy it to the DLQ again.
+                if let Ok(msg) = decode(m) {
+                    if let Err(e) = self
+                        .inbox
+                        .record_dead(&self.pool, &self.cfg.group_id, &msg)
+                        .await
+                    {
+                        return Some(self.database_error(consumer, &slot, offset, &e));
+                    }
                 }
                 self.metrics.dead_lettered.inc();
                 tracing::warn!(
