@@ -22,12 +22,14 @@ impl Written {
         Self::default()
     }
 
-    /// Records that `event_id` of `key` was written after every earlier one of that key.
+    /// Records that `event_id` of `key` was written after every earlier one of that key (an id already
+    /// recorded for the key keeps its first place: a table may list an event twice, e.g. archived twice).
     pub fn push(&mut self, key: impl Into<String>, event_id: impl Into<String>) {
-        self.per_key
-            .entry(key.into())
-            .or_default()
-            .push(event_id.into());
+        let ids = self.per_key.entry(key.into()).or_default();
+        let id = event_id.into();
+        if !ids.contains(&id) {
+            ids.push(id);
+        }
     }
 
     /// Builds the history from `(key, event_id)` pairs in write order (e.g. `ORDER BY id` of a table).

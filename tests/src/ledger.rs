@@ -90,3 +90,27 @@ pub async fn latency_ms(pool: &PgPool, percentiles: &[f64]) -> Result<Vec<f64>, 
     }
     Ok(out)
 }
+
+/// The orders topic checked against every event the outbox wrote (delivered, pending or dead), in id
+/// order: the load's writers post each customer's orders one after another, so a key's ids are its commit
+/// order.
+pub async fn topic_history(
+    pool: &PgPool,
+    bootstrap: &str,
+) -> anyhow::Result<test_support::history::Report> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "SELECT key, event_id::text FROM (SELECT id, key, event_id, topic FROM outbox.archive \
+           UNION ALL SELECT id, key, event_id, topic FROM outbox.events \
+           UNION ALL SELECT id, key, event_id, topic FROM outbox.dead) t WHERE topic = $1 ORDER BY id",
+    )
+    .bind(crate::stack::ORDERS_TOPIC)
+    .fetch_all(pool)
+    .await?;
+    let written = test_support::history::Written::from_rows(rows);
+    let bootstrap = bootstrap.to_owned();
+    let records = tokio::task::spawn_blocking(move || {
+        test_support::kafka::read_topic(&bootstrap, crate::stack::ORDERS_TOPIC)
+    })
+    .await??;
+    Ok(test_support::history::check(&records, &written))
+}

@@ -96,6 +96,14 @@ pub struct Report {
     pub duplicate_effects: i64,
     /// Effects applied out of their key's commit order (pairs, over both groups).
     pub order_violations: i64,
+    /// `outbox_relay_order_violations_total` over every relay process (scraped before each relay kill and
+    /// at the end): acknowledgments after a failure of their key.
+    pub relay_order_violations: u64,
+    /// What the orders topic holds against what the outbox wrote ([`test_support::history`]): events
+    /// that appeared for the first time after a later event of their key.
+    pub topic_inversions: usize,
+    /// Events written (archive, pending or dead) never found on the orders topic.
+    pub topic_lost: usize,
     /// Orders the API acknowledged with 201.
     pub acknowledged: i64,
     /// Acknowledged orders that are not in the database (counted in `lost` too).
@@ -146,7 +154,7 @@ impl Report {
             .collect();
         format!(
             "orders={} acknowledged={} lost={} missing_effects=pharmacy:{},notification:{} duplicate_effects={} \
-             order_violations={} faults={total} ({}) \
+             order_violations={} relay_order_violations={} topic_inversions={} topic_lost={} faults={total} ({}) \
              duplicates_absorbed={} p99_ms={:.1} unpublished={} pending={} dead={} epoch_regressions={} \
              last_epoch={} fence_refusals={} max_failover_gap_ms={:.0} unexpected_exits={} retried_requests={} \
              coordination={} seed={} elapsed_s={:.0}",
@@ -157,6 +165,9 @@ impl Report {
             self.missing_effects.1,
             self.duplicate_effects,
             self.order_violations,
+            self.relay_order_violations,
+            self.topic_inversions,
+            self.topic_lost,
             by_kind.join(","),
             self.duplicates_absorbed,
             self.p99_ms,
@@ -188,6 +199,15 @@ impl Report {
                 self.order_violations,
                 "effects out of their key's commit order",
             ),
+            (
+                self.relay_order_violations as i64,
+                "acknowledgments after a failure of their key (outbox_relay_order_violations_total)",
+            ),
+            (
+                self.topic_inversions as i64,
+                "events first on the topic after a later event of their key",
+            ),
+            (self.topic_lost as i64, "written events missing from the topic"),
             (self.pending, "events still pending after the drain"),
             (self.dead, "events dead-lettered"),
             (self.epoch_regressions, "fence epoch went backwards"),
@@ -257,6 +277,7 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
     let epochs = FenceWatch::start(stack.pool.clone());
     let load = Load::start(&stack.api, &opts);
     let mut driver = Driver {
+        relay_order_violations: 0,
         faults: BTreeMap::new(),
         absorbed: 0,
         fence_refusals: 0,
@@ -325,6 +346,7 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
     for group in ["pharmacy", "notification"] {
         driver.absorbed += stack.metric_sum(group, DUPLICATES_SKIPPED).await as u64;
     }
+    driver.relay_order_violations += stack.metric_sum("relay", RELAY_ORDER_VIOLATIONS).await as u64;
     let (regressions, last_epoch) = epochs.stop().await;
     let mut report = Report {
         seed: opts.seed,
@@ -338,6 +360,7 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
         duplicates_absorbed: driver.absorbed,
         fence_refusals: driver.fence_refusals,
         unexpected_exits: driver.unexpected_exits.clone(),
+        relay_order_violations: driver.relay_order_violations,
         retried_requests: retried,
         crash_commits: driver.crash_orders,
         ..Report::default()
@@ -358,6 +381,10 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
     .await?;
     report.order_violations = out_of_order(pool, "demo.pharmacy_orders").await?
         + out_of_order(pool, "demo.notifications").await?;
+    let history = crate::ledger::topic_history(pool, &stack.bootstrap).await?;
+    println!("soak: orders topic: {}", history.summary());
+    report.topic_inversions = history.inversions.len();
+    report.topic_lost = history.lost.len();
     report.pending = scalar(pool, "SELECT count(*) FROM outbox.events").await?;
     report.dead = scalar(pool, "SELECT count(*) FROM outbox.dead").await?;
     report.p99_ms = latency_ms(pool, &[0.99]).await?[0];
@@ -497,9 +524,12 @@ fn consumer_names(stack: &Stack) -> Vec<String> {
 }
 
 const DUPLICATES_SKIPPED: &str = "outbox_consumer_duplicates_skipped_total";
+const RELAY_ORDER_VIOLATIONS: &str = "outbox_relay_order_violations_total";
 
 /// The fault injector's bookkeeping.
 struct Driver {
+    /// `outbox_relay_order_violations_total` of relays killed so far.
+    relay_order_violations: u64,
     faults: BTreeMap<Fault, u32>,
     absorbed: u64,
     fence_refusals: u64,
@@ -567,6 +597,9 @@ impl Driver {
                 if fault == Fault::KillRelayLeader && self.load_running {
                     self.leader_outages.push((unix_now(), fault));
                 }
+                // Its counter dies with it.
+                self.relay_order_violations +=
+                    stack.metric_sum(&victim, RELAY_ORDER_VIOLATIONS).await as u64;
                 stack.kill(&victim).await?;
                 tokio::time::sleep(hold).await;
                 stack.restart(&victim).await?;

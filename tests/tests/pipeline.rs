@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use e2e::ledger::{ledger, orphan_effects, Ledger};
+use e2e::ledger::{ledger, orphan_effects, topic_history, Ledger};
 use e2e::load::post_orders;
 use e2e::stack::{Options, Stack, ORDERS_TOPIC};
 use serde_json::{json, Value};
@@ -32,6 +32,10 @@ async fn five_thousand_orders_have_exactly_one_effect_per_group_and_receipts() {
     let l = settle(&stack, Duration::from_secs(120)).await;
     assert_eq!(l.orders, 5000);
     assert_eq!(orphan_effects(&stack.pool).await.unwrap(), 0);
+    // The topic itself: every event the outbox wrote, each key in commit order.
+    let history = topic_history(&stack.pool, &stack.bootstrap).await.unwrap();
+    assert!(history.holds(), "{}", history.summary());
+    assert_eq!(history.delivered, 5000, "{}", history.summary());
 
     // The receipt of one order's event: written, published (partition/offset), consumed by both groups.
     let order: Value = reqwest::get(format!("{}/orders/{}", stack.api, ids[42]))
@@ -133,6 +137,9 @@ async fn a_killed_relay_republishes_and_the_inbox_absorbs_the_duplicates() {
     let published = count(&stack, "SELECT count(*) FROM outbox.archive").await;
     assert!(published >= 3000);
     let crash_duplicates = published - 3000;
+    // Copies from the crash are allowed; a key out of order or an event missing is not.
+    let history = topic_history(&stack.pool, &stack.bootstrap).await.unwrap();
+    assert!(history.holds(), "{}", history.summary());
 
     // However the kill fell, make Kafka hold a second copy of every event: replay the archive (what an
     // operator does after an incident). Each group must skip all of them.
