@@ -3,6 +3,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::body::Bytes;
 use axum::extract::{Path, Query, State};
@@ -154,6 +155,27 @@ fn crash_after_commit(q: &HashMap<String, String>, allowed: bool) -> Result<bool
     }
 }
 
+/// The `commit_delay_ms` query parameter: hold the order's transaction open that long before its commit
+/// (a writer committing late, for the chaos soak); only when crash simulation is allowed, at most 10 s.
+fn commit_delay(q: &HashMap<String, String>, allowed: bool) -> Result<Duration, ApiError> {
+    let Some(v) = q.get("commit_delay_ms") else {
+        return Ok(Duration::ZERO);
+    };
+    if !allowed {
+        return Err(ApiError::invalid(Rejection::field(
+            "commit_delay_ms",
+            "commit delays are disabled; start demo-api with DEMO_ALLOW_CRASH=1",
+        )));
+    }
+    match v.parse::<u64>() {
+        Ok(ms) if ms <= 10_000 => Ok(Duration::from_millis(ms)),
+        _ => Err(ApiError::invalid(Rejection::field(
+            "commit_delay_ms",
+            format!("`{v}` is not a number of milliseconds from 0 to 10000"),
+        ))),
+    }
+}
+
 // A span per request: with trace export on, the event's `traceparent` (written in the same transaction)
 // names it, so the relay and the consumers continue this trace.
 #[tracing::instrument(name = "POST /orders", skip_all, fields(trace_id = tracing::field::Empty))]
@@ -166,6 +188,7 @@ async fn create_order(
     process_kit::trace_id::record_trace_id(&tracing::Span::current());
     let r = async {
         let crash = crash_after_commit(&q, s.allow_crash)?;
+        let delay = commit_delay(&q, s.allow_crash)?;
         let order = parse_order(&json_body(&headers, &body)?).map_err(ApiError::invalid)?;
         let id = Uuid::now_v7();
         let items = serde_json::to_value(&order.items).expect("items serialize");
@@ -187,6 +210,9 @@ async fn create_order(
         .bind(event_id)
         .fetch_one(&mut *tx)
         .await?;
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
         tx.commit().await?;
         if crash {
             tracing::error!(order_id = %id, %event_id, "crash=after-commit: exiting right after the commit");
@@ -298,6 +324,22 @@ pub fn router(s: AppState) -> Router {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn commit_delay_needs_permission_and_a_bounded_number() {
+        let q = |v: &str| HashMap::from([("commit_delay_ms".to_owned(), v.to_owned())]);
+        assert_eq!(
+            commit_delay(&HashMap::new(), false).unwrap(),
+            Duration::ZERO
+        );
+        assert_eq!(
+            commit_delay(&q("1500"), true).unwrap(),
+            Duration::from_millis(1500)
+        );
+        assert!(commit_delay(&q("1500"), false).is_err());
+        assert!(commit_delay(&q("10001"), true).is_err());
+        assert!(commit_delay(&q("soon"), true).is_err());
+    }
 
     #[test]
     fn crash_needs_permission_and_the_one_known_value() {

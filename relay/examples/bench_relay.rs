@@ -10,8 +10,13 @@
 //! and for the relay at the default depth. Figures, not assertions: one machine-readable line per condition
 //! and depth, one per statement.
 //!
+//! A hot-key workload (the same events over 20 keys) runs at the default depth beside the 1,000-key one in
+//! each condition: a batch never carries a key an earlier batch still has in flight, so few keys leave
+//! the pipeline less to overlap; the two figures side by side are that rule's cost.
+//!
 //! Environment: `BENCH_CONDITIONS` (comma-separated names, default all), `BENCH_DEPTHS` (default 1,2,4,8),
-//! `RELAY_BIN` (another `outbox-relay` binary, e.g. an older build, for before/after figures).
+//! `BENCH_HOT_KEYS` (default 20; 0 skips the hot-key runs), `RELAY_BIN` (another `outbox-relay` binary,
+//! e.g. an older build, for before/after figures).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -39,9 +44,9 @@ const DEPTHS: [u16; 4] = [1, 2, 4, 8];
 /// The relay's default `--in-flight-batches` (the summary line reports it).
 const DEFAULT_DEPTH: u16 = 8;
 
-fn event(i: usize) -> NewEvent {
-    let key = format!("customer-{}", i % KEYS);
-    let mut payload = format!("{key}:{}:", i / KEYS).into_bytes();
+fn event(i: usize, keys: usize) -> NewEvent {
+    let key = format!("customer-{}", i % keys);
+    let mut payload = format!("{key}:{}:", i / keys).into_bytes();
     payload.resize(PAYLOAD, b'x');
     NewEvent::new(TOPIC, key)
         .payload(payload)
@@ -78,25 +83,33 @@ const CONDITIONS: [Condition; 3] = [
 struct Bed {
     pg: PgServer,
     mock: Mock,
+    /// The seeded template databases: over [`KEYS`] keys, and over the hot keys (when run).
     template: String,
+    hot_template: Option<(usize, String)>,
 }
 
 impl Bed {
     /// A copy of the seeded outbox (`CREATE DATABASE … TEMPLATE`: a file copy, not 200,000 inserts),
     /// reached through `proxy` when the condition puts the database farther away.
     async fn outbox(&self, proxy: Option<&DelayProxy>) -> anyhow::Result<Outbox> {
+        self.outbox_from(&self.template, proxy).await
+    }
+
+    /// [`Bed::outbox`] from another template.
+    async fn outbox_from(
+        &self,
+        template: &str,
+        proxy: Option<&DelayProxy>,
+    ) -> anyhow::Result<Outbox> {
         let direct = self.pg.create_database().await?;
         let name = direct.rsplit('/').next().unwrap_or_default().to_owned();
         let mut admin = sqlx::PgConnection::connect(&self.pg.url("postgres")).await?;
         sqlx::query(&format!("DROP DATABASE {name}"))
             .execute(&mut admin)
             .await?;
-        sqlx::query(&format!(
-            "CREATE DATABASE {name} TEMPLATE {}",
-            self.template
-        ))
-        .execute(&mut admin)
-        .await?;
+        sqlx::query(&format!("CREATE DATABASE {name} TEMPLATE {template}"))
+            .execute(&mut admin)
+            .await?;
         admin.close().await?;
         let url = match proxy {
             Some(p) => format!("postgres://postgres@{}/{name}", p.addr()),
@@ -184,7 +197,7 @@ fn print_statements(phase: &str, condition: &str, statements: &[Statement], even
     }
 }
 
-async fn seed_template(pg: &PgServer) -> anyhow::Result<String> {
+async fn seed_template(pg: &PgServer, keys: usize) -> anyhow::Result<String> {
     let url = pg.create_database().await?;
     let pool = PgPoolOptions::new()
         .max_connections(2)
@@ -193,7 +206,7 @@ async fn seed_template(pg: &PgServer) -> anyhow::Result<String> {
     outbox::migrate(&pool, outbox::DEFAULT_SCHEMA).await?;
     for chunk in (0..EVENTS).collect::<Vec<_>>().chunks(5_000) {
         let mut tx = pool.begin().await?;
-        outbox::publish_all(&mut tx, chunk.iter().map(|i| event(*i)).collect()).await?;
+        outbox::publish_all(&mut tx, chunk.iter().map(|i| event(*i, keys)).collect()).await?;
         tx.commit().await?;
     }
     sqlx::query("VACUUM ANALYZE outbox.events")
@@ -246,7 +259,9 @@ async fn limit_postgres(
     let mut n = 0;
     loop {
         let mut tx = pool.begin().await?;
-        let batch = store.claim(&mut tx, BATCH, 0).await?;
+        let batch = store
+            .claim(&mut tx, BATCH, &relay::store::Claim::from_start())
+            .await?;
         if batch.is_empty() {
             break;
         }
@@ -275,7 +290,7 @@ async fn limit_kafka(brokers: &str) -> anyhow::Result<Figures> {
     let producer = Producer::new(kafka(brokers.into()), Arc::new(Health::default()))?;
     let records: Vec<ClaimedEvent> = (0..EVENTS)
         .map(|i| {
-            let e = event(i);
+            let e = event(i, KEYS);
             let mut c = ClaimedEvent::for_test(i as i64, TOPIC, &e.key, e.payload);
             c.event_type = e.event_type;
             c
@@ -447,10 +462,11 @@ struct RelayRun {
 
 async fn relay_binary(
     bed: &Bed,
+    template: &str,
     proxy: Option<&DelayProxy>,
     in_flight: u16,
 ) -> anyhow::Result<RelayRun> {
-    let Outbox { name, url, pool } = bed.outbox(proxy).await?;
+    let Outbox { name, url, pool } = bed.outbox_from(template, proxy).await?;
     let bin = match std::env::var_os("RELAY_BIN") {
         Some(path) => std::path::PathBuf::from(path),
         None => std::env::current_exe()?
@@ -573,7 +589,7 @@ async fn latency(pg: &PgServer, brokers: &str) -> anyhow::Result<(f64, f64)> {
     for t in 0..1_000 {
         tick.tick().await;
         let mut tx = pool.begin().await?;
-        outbox::publish_all(&mut tx, (0..10).map(|i| event(t * 10 + i)).collect()).await?;
+        outbox::publish_all(&mut tx, (0..10).map(|i| event(t * 10 + i, KEYS)).collect()).await?;
         tx.commit().await?;
     }
     while pending(&pool).await > 0 {
@@ -626,15 +642,30 @@ async fn main() -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("BENCH_DEPTHS: {e}"))?,
         None => DEPTHS.to_vec(),
     };
+    let hot_keys: usize = match std::env::var("BENCH_HOT_KEYS") {
+        Ok(v) => v
+            .parse()
+            .map_err(|e| anyhow::anyhow!("BENCH_HOT_KEYS: {e}"))?,
+        Err(_) => 20,
+    };
     let mock = test_support::kafka::mock_cluster(1, &[(TOPIC, 12)]);
-    let template = seed_template(&pg).await?; // waits until the server accepts queries
+    let template = seed_template(&pg, KEYS).await?; // waits until the server accepts queries
+    let hot_template = match hot_keys {
+        0 => None,
+        n => Some((n, seed_template(&pg, n).await?)),
+    };
     {
         let mut admin = sqlx::PgConnection::connect(&pg.url("postgres")).await?;
         sqlx::query("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
             .execute(&mut admin)
             .await?;
     }
-    let bed = Bed { pg, mock, template };
+    let bed = Bed {
+        pg,
+        mock,
+        template,
+        hot_template,
+    };
     let brokers = bed.mock.bootstrap_servers();
     println!("bench-relay: {EVENTS} events x {PAYLOAD} B over {KEYS} keys, batch {BATCH}; PostgreSQL (fsync on) + librdkafka mock broker, this machine");
     let mut loopback_best = None;
@@ -666,8 +697,9 @@ async fn main() -> anyhow::Result<()> {
             b.eps, b.machine_cores, b.cpu_text(EVENTS as f64)
         );
         let limit = a.eps.min(b.eps);
+        let mut default_eps = None;
         for &depth in &depths {
-            let run = relay_binary(&bed, proxy.as_ref(), depth).await?;
+            let run = relay_binary(&bed, &bed.template, proxy.as_ref(), depth).await?;
             let f = run.figures;
             let ratio = f.eps / limit;
             println!(
@@ -686,10 +718,30 @@ async fn main() -> anyhow::Result<()> {
             );
             if depth == DEFAULT_DEPTH {
                 print_statements("relay", c.name, &run.statements, EVENTS as f64);
+                default_eps = Some(f.eps);
             }
             if c.name == "loopback" && depth == DEFAULT_DEPTH {
                 loopback_best = Some((f.eps, ratio, run.rss_mb));
             }
+        }
+        if let Some((keys, template)) = &bed.hot_template {
+            let run = relay_binary(&bed, template, proxy.as_ref(), DEFAULT_DEPTH).await?;
+            let f = run.figures;
+            let against = default_eps
+                .map(|d| format!("{:.2} of the {KEYS}-key figure", f.eps / d))
+                .unwrap_or_default();
+            println!(
+                "  relay, {DEFAULT_DEPTH} in flight, {keys} hot keys           : {:>9.0} events/s  ratio {:.2}  {against}",
+                f.eps,
+                f.eps / limit
+            );
+            println!(
+                "condition={} in_flight={DEFAULT_DEPTH} keys={keys} relay_eps={:.0} limit_eps={limit:.0} ratio={:.2} vs_{KEYS}_keys={:.2}",
+                c.name,
+                f.eps,
+                f.eps / limit,
+                default_eps.map_or(f64::NAN, |d| f.eps / d)
+            );
         }
     }
     bed.mock.broker_round_trip_time(1, Duration::ZERO)?;

@@ -24,11 +24,25 @@ pub enum Fault {
     BrokerOutage,
     /// Post an order with `crash=after-commit`: the API exits right after its commit; restart it.
     ApiCrashAfterCommit,
+    /// A hot key's writer holds its transaction open for the hold (`commit_delay_ms`), so its event
+    /// commits late, below the batches the relay has in flight; the key's next orders follow at once.
+    LateCommit,
+    /// The broker is cut off for [`LONG_OUTAGE`], longer than the soak relays' attempts × delivery
+    /// timeout: the broker's faults count no attempt, so nothing may be dead-lettered.
+    LongBrokerOutage,
+    /// An event too large for the relay, then a small one of its key, on a topic no group reads: the
+    /// first is dead-lettered and parks the key; it is redriven (dead again: the key stays parked, the
+    /// small one must not overtake it), then discarded, and the small one goes out. Its DLQ copy goes to
+    /// a topic that may not exist: the forwarder retries it without touching the main flow.
+    PoisonRedriveDiscard,
 }
+
+/// How long a [`Fault::LongBrokerOutage`] lasts.
+pub const LONG_OUTAGE: Duration = Duration::from_secs(12);
 
 impl Fault {
     /// Every kind, in a fixed order.
-    pub const ALL: [Fault; 7] = [
+    pub const ALL: [Fault; 10] = [
         Fault::KillRelayLeader,
         Fault::KillRelayStandby,
         Fault::KillConsumer,
@@ -36,6 +50,9 @@ impl Fault {
         Fault::RestartPostgres,
         Fault::BrokerOutage,
         Fault::ApiCrashAfterCommit,
+        Fault::LateCommit,
+        Fault::LongBrokerOutage,
+        Fault::PoisonRedriveDiscard,
     ];
 
     /// The name in the ledger line.
@@ -48,6 +65,9 @@ impl Fault {
             Fault::RestartPostgres => "restart_postgres",
             Fault::BrokerOutage => "broker_outage",
             Fault::ApiCrashAfterCommit => "api_crash_after_commit",
+            Fault::LateCommit => "late_commit",
+            Fault::LongBrokerOutage => "long_broker_outage",
+            Fault::PoisonRedriveDiscard => "poison_redrive_discard",
         }
     }
 }

@@ -104,6 +104,8 @@ pub struct Report {
     pub topic_inversions: usize,
     /// Events written (archive, pending or dead) never found on the orders topic.
     pub topic_lost: usize,
+    /// Poison steps in which the parked key's later event went out before its dead head was discarded.
+    pub poison_overtakes: u64,
     /// Orders the API acknowledged with 201.
     pub acknowledged: i64,
     /// Acknowledged orders that are not in the database (counted in `lost` too).
@@ -154,7 +156,7 @@ impl Report {
             .collect();
         format!(
             "orders={} acknowledged={} lost={} missing_effects=pharmacy:{},notification:{} duplicate_effects={} \
-             order_violations={} relay_order_violations={} topic_inversions={} topic_lost={} faults={total} ({}) \
+             order_violations={} relay_order_violations={} topic_inversions={} topic_lost={} poison_overtakes={} faults={total} ({}) \
              duplicates_absorbed={} p99_ms={:.1} unpublished={} pending={} dead={} epoch_regressions={} \
              last_epoch={} fence_refusals={} max_failover_gap_ms={:.0} unexpected_exits={} retried_requests={} \
              coordination={} seed={} elapsed_s={:.0}",
@@ -168,6 +170,7 @@ impl Report {
             self.relay_order_violations,
             self.topic_inversions,
             self.topic_lost,
+            self.poison_overtakes,
             by_kind.join(","),
             self.duplicates_absorbed,
             self.p99_ms,
@@ -208,6 +211,10 @@ impl Report {
                 "events first on the topic after a later event of their key",
             ),
             (self.topic_lost as i64, "written events missing from the topic"),
+            (
+                self.poison_overtakes as i64,
+                "parked keys whose later event overtook the dead head",
+            ),
             (self.pending, "events still pending after the drain"),
             (self.dead, "events dead-lettered"),
             (self.epoch_regressions, "fence epoch went backwards"),
@@ -226,7 +233,25 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
     let started = Instant::now();
     let started_unix = unix_now();
     let (plane, coordination) = control_plane(opts.coordination).await?;
-    let mut relay_args: Vec<String> = vec!["--standby-ready".into(), "true".into()];
+    // Short delivery timeout and few attempts: a `long_broker_outage` lasts longer than attempts ×
+    // (delivery timeout + backoff), so counting the broker's faults would dead-letter the backlog. A
+    // small record limit makes `poison_redrive_discard`'s event undeliverable.
+    let mut relay_args: Vec<String> = [
+        "--standby-ready",
+        "true",
+        "--delivery-timeout",
+        "2s",
+        "--max-attempts",
+        "3",
+        "--backoff-base",
+        "200ms",
+        "--backoff-max",
+        "1s",
+        "--max-message-bytes",
+        "200000",
+    ]
+    .map(String::from)
+    .to_vec();
     let mut relay_env = Vec::new();
     match &plane {
         Some(plane) => {
@@ -263,6 +288,7 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
         relay_env,
         durability: Durability::SurvivesServerCrash,
         broker_outages: true,
+        extra_env: vec![("DEMO_TOPICS".into(), POISON_TOPIC.into())],
         ..Options::default()
     })
     .await?;
@@ -278,6 +304,7 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
     let load = Load::start(&stack.api, &opts);
     let mut driver = Driver {
         relay_order_violations: 0,
+        poison_overtakes: 0,
         faults: BTreeMap::new(),
         absorbed: 0,
         fence_refusals: 0,
@@ -361,6 +388,7 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
         fence_refusals: driver.fence_refusals,
         unexpected_exits: driver.unexpected_exits.clone(),
         relay_order_violations: driver.relay_order_violations,
+        poison_overtakes: driver.poison_overtakes,
         retried_requests: retried,
         crash_commits: driver.crash_orders,
         ..Report::default()
@@ -525,11 +553,15 @@ fn consumer_names(stack: &Stack) -> Vec<String> {
 
 const DUPLICATES_SKIPPED: &str = "outbox_consumer_duplicates_skipped_total";
 const RELAY_ORDER_VIOLATIONS: &str = "outbox_relay_order_violations_total";
+/// The topic of `poison_redrive_discard` (no group reads it).
+const POISON_TOPIC: &str = crate::stack::SCRATCH_TOPIC;
 
 /// The fault injector's bookkeeping.
 struct Driver {
     /// `outbox_relay_order_violations_total` of relays killed so far.
     relay_order_violations: u64,
+    /// See [`Report::poison_overtakes`].
+    poison_overtakes: u64,
     faults: BTreeMap<Fault, u32>,
     absorbed: u64,
     fence_refusals: u64,
@@ -642,6 +674,19 @@ impl Driver {
                 tokio::time::sleep(hold).await;
                 broker.restore();
             }
+            Fault::LateCommit => {
+                let api = stack.api.clone();
+                self.late_commit(&api, pick, hold).await?;
+            }
+            Fault::LongBrokerOutage => {
+                let broker = stack
+                    .broker_outage()
+                    .context("the soak takes its own broker down")?;
+                broker.cut();
+                tokio::time::sleep(crate::chaos::LONG_OUTAGE).await;
+                broker.restore();
+            }
+            Fault::PoisonRedriveDiscard => self.poison(stack, pick).await?,
             Fault::ApiCrashAfterCommit => {
                 let r = reqwest::Client::new()
                     .post(format!("{}/orders?crash=after-commit", stack.api))
@@ -666,6 +711,107 @@ impl Driver {
         *self.faults.entry(fault).or_default() += 1;
         Ok(())
     }
+
+    /// `poison_redrive_discard` (see [`Fault::PoisonRedriveDiscard`]). Steps the database refuses (it may
+    /// be restarting) end the step early; the drain's `dead`/`pending` counts still judge what is left.
+    async fn poison(&mut self, stack: &Stack, pick: u32) -> anyhow::Result<()> {
+        let key = format!("poison-{pick}");
+        let http = reqwest::Client::new();
+        let post = |payload: serde_json::Value| {
+            http.post(format!("{}/messages", stack.api))
+                .json(&json!({"topic": POISON_TOPIC, "key": key, "payload": payload}))
+                .send()
+        };
+        let big = "x".repeat(300_000);
+        let accepted =
+            |r: reqwest::Result<reqwest::Response>| r.is_ok_and(|r| r.status().is_success());
+        if !accepted(post(json!({"poison": big})).await) {
+            println!("soak: poison not accepted (database restarting?); step skipped");
+            return Ok(());
+        }
+        if !accepted(post(json!({"after": "poison"})).await) {
+            // The head alone still parks nothing behind it; discard it once dead.
+            println!("soak: the poison's follower not accepted");
+        }
+        if !wait_dead(&stack.pool, &key).await {
+            bail!("the poison event of {key} was not dead-lettered within 60 s");
+        }
+        // Redriven, it is dead again (still too large); its follower must not overtake it meanwhile.
+        relay_dead(&stack.database_url, "redrive", &key).await?;
+        if !wait_dead(&stack.pool, &key).await {
+            bail!("the redriven poison event of {key} was not dead-lettered again within 60 s");
+        }
+        let delivered: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM outbox.archive WHERE key = $1 AND topic = $2")
+                .bind(&key)
+                .bind(POISON_TOPIC)
+                .fetch_one(&stack.pool)
+                .await
+                .unwrap_or(0);
+        if delivered > 0 {
+            self.poison_overtakes += 1;
+        }
+        relay_dead(&stack.database_url, "discard", &key).await?;
+        Ok(())
+    }
+
+    /// A hot key (`late-0` … `late-3`) whose order commits `hold` late, then two more orders of the key
+    /// at once: the late row lands below the batches in flight, and its key's next events must wait for
+    /// it. Each step waits for the key's previous order, so the key's writers stay serialised.
+    async fn late_commit(&mut self, api: &str, pick: u32, hold: Duration) -> anyhow::Result<()> {
+        let customer = format!("late-{}", pick % 4);
+        let http = reqwest::Client::new();
+        for delay in [hold, Duration::ZERO, Duration::ZERO] {
+            let r = http
+                .post(format!(
+                    "{api}/orders?commit_delay_ms={}",
+                    delay.as_millis()
+                ))
+                .json(&json!({"customer": customer, "items": [{"sku": "late", "quantity": 1}]}))
+                .send()
+                .await;
+            // The database may be restarting: the order is then not committed, which the ledger allows.
+            match r {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => println!("soak: late commit answered {}", r.status()),
+                Err(e) => println!("soak: late commit failed: {e}"),
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Waits up to a minute for a dead row of `key` (the database may be restarting meanwhile).
+async fn wait_dead(pool: &PgPool, key: &str) -> bool {
+    let until = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < until {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM outbox.dead WHERE key = $1")
+            .bind(key)
+            .fetch_one(pool)
+            .await
+            .unwrap_or(0);
+        if n > 0 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+/// `outbox-relay dead <verb> --key <key>`, as an operator runs it; retried while the database restarts.
+async fn relay_dead(database_url: &str, verb: &str, key: &str) -> anyhow::Result<()> {
+    for _ in 0..20 {
+        let out = tokio::process::Command::new(crate::bins::bin("outbox-relay")?)
+            .args(["dead", verb, "--key", key])
+            .env("DATABASE_URL", database_url)
+            .output()
+            .await?;
+        if out.status.success() {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("outbox-relay dead {verb} --key {key} kept failing")
 }
 
 /// `outbox_relay_batch_errors_total{reason="fenced"|"lost"}` of a relay.

@@ -25,6 +25,9 @@ use crate::proc::{Proc, Spec};
 
 /// The topic the demo API writes `OrderCreated` events to.
 pub const ORDERS_TOPIC: &str = "orders";
+/// A topic the stack creates and no consumer group reads (the soak's poison events go there; its
+/// `.dlq` is not created, so their DLQ copies may find no topic).
+pub const SCRATCH_TOPIC: &str = "scratch";
 
 /// What to start.
 #[derive(Debug, Clone)]
@@ -131,7 +134,11 @@ impl Stack {
             .connect(&database_url)
             .await
             .with_context(|| format!("connect {database_url}"))?;
-        let topics = [(ORDERS_TOPIC, opts.partitions), ("orders.dlq", 1)];
+        let topics = [
+            (ORDERS_TOPIC, opts.partitions),
+            ("orders.dlq", 1),
+            (SCRATCH_TOPIC, 1),
+        ];
         let (mock, bootstrap) = match &opts.kafka_bootstrap {
             Some(b) => {
                 create_topics(b, &opts.kafka_admin_config, &topics).await?;

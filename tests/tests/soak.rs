@@ -1,7 +1,9 @@
 //! The short chaos soak (the long one is `make soak`): a few thousand orders while every kind of fault is
 //! injected at least once — relay leader and standby SIGKILLed, a consumer SIGKILLed, the leader paused past
-//! its renew deadline, PostgreSQL crashed and restarted, the broker taken down, the API crashed right after a
-//! commit. The ledger must show nothing lost, nothing applied twice and every key's effects in commit order.
+//! its renew deadline, PostgreSQL crashed and restarted, the broker taken down (briefly, and for longer than
+//! the relays' attempts × delivery timeout), the API crashed right after a commit, a hot key committing
+//! late, a poison event redriven and discarded. The ledger must show nothing lost, nothing applied twice,
+//! nothing dead-lettered, and every key's events in commit order on the topic and in the effects.
 
 use std::time::Duration;
 

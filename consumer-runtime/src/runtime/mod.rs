@@ -138,6 +138,9 @@ struct Rewind {
     attempts: Option<u32>,
 }
 
+/// A gap's refetch: from which offset, after what delay, and the offset still expected.
+type Refetch = (i64, Duration, i64);
+
 /// Per-partition retry state: the offset being retried and the attempts made.
 type RetryState = HashMap<Slot, (i64, u32)>;
 
@@ -146,7 +149,8 @@ type RetryState = HashMap<Slot, (i64, u32)>;
 #[derive(Default)]
 struct Positions {
     expected: HashMap<Slot, i64>,
-    refetched: HashMap<Slot, i64>,
+    /// The expected offset a gap was last seen at, and how many times in a row.
+    refetched: HashMap<Slot, (i64, u32)>,
     /// Partitions stopped at a gap seen twice.
     stalled: HashSet<Slot>,
     rebalances: u64,

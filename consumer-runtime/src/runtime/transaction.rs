@@ -53,10 +53,10 @@ impl<H: Handler> Runtime<H> {
                 None => runs.push((slot, vec![m])),
             }
         }
-        // A run cut short at a gap ends with fetching again from the expected offset: at once the first
-        // time, after GAP_REFETCH while the gap is there again (the partition stops there unless gaps are
-        // accepted).
-        let mut refetch: HashMap<Slot, (i64, Duration)> = HashMap::new();
+        // A run cut short at a gap ends with fetching again (see `continuity::on_gap`): from the expected
+        // offset, then from further back, then — unless gaps are accepted — the partition stops there and
+        // fetches again every GAP_REFETCH.
+        let mut refetch: HashMap<Slot, Refetch> = HashMap::new();
         for (slot, run) in runs.iter_mut() {
             let offsets: Vec<i64> = run.iter().map(|m| m.offset()).collect();
             let continuity =
@@ -67,41 +67,55 @@ impl<H: Handler> Runtime<H> {
                 found,
             } = continuity
             else {
-                if !run.is_empty() && positions.stalled.remove(slot) {
-                    tracing::info!(topic = %slot.0, partition = slot.1, "the missing offsets arrived; the partition goes on");
+                if !run.is_empty() {
+                    positions.refetched.remove(slot);
+                    if positions.stalled.remove(slot) {
+                        tracing::info!(topic = %slot.0, partition = slot.1, "the missing offsets arrived; the partition goes on");
+                    }
                 }
                 continue;
             };
             self.metrics.offset_gaps.inc();
             let (topic, partition) = (&slot.0, slot.1);
             let missing = format!("{expected}..={}", found - 1);
-            if positions.refetched.get(slot) != Some(&expected) {
-                tracing::warn!(
-                    topic,
-                    partition,
-                    missing,
-                    "the broker skipped offsets; fetching again from the expected one"
-                );
-                positions.refetched.insert(slot.clone(), expected);
-                run.truncate(index);
-                refetch.insert(slot.clone(), (expected, Duration::ZERO));
-            } else if self.cfg.accept_offset_gaps {
-                tracing::warn!(
+            let sightings = match positions.refetched.get(slot) {
+                Some((at, n)) if *at == expected => n + 1,
+                _ => 1,
+            };
+            positions
+                .refetched
+                .insert(slot.clone(), (expected, sightings));
+            use crate::continuity::GapAction;
+            match crate::continuity::on_gap(expected, sightings, self.cfg.accept_offset_gaps) {
+                GapAction::Refetch { from } => {
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        missing,
+                        sightings,
+                        from,
+                        "the broker skipped offsets; fetching again"
+                    );
+                    run.truncate(index);
+                    refetch.insert(slot.clone(), (from, Duration::ZERO, expected));
+                }
+                GapAction::Accept => tracing::warn!(
                     topic,
                     partition,
                     missing,
                     "offsets missing again after fetching them once more; accepting the gap (--accept-offset-gaps)"
-                );
-            } else {
-                tracing::error!(
-                    topic,
-                    partition,
-                    missing,
-                    "offsets missing again after fetching them once more: on a relay topic that is loss; the partition stops here (set --accept-offset-gaps only for compacted or transactional topics)"
-                );
-                positions.stalled.insert(slot.clone());
-                run.truncate(index);
-                refetch.insert(slot.clone(), (expected, GAP_REFETCH));
+                ),
+                GapAction::Stop { from } => {
+                    tracing::error!(
+                        topic,
+                        partition,
+                        missing,
+                        "offsets still missing after fetching them again from further back: on a relay topic that is loss; the partition stops here (set --accept-offset-gaps only for compacted or transactional topics)"
+                    );
+                    positions.stalled.insert(slot.clone());
+                    run.truncate(index);
+                    refetch.insert(slot.clone(), (from, GAP_REFETCH, expected));
+                }
             }
         }
         self.metrics
@@ -116,13 +130,16 @@ impl<H: Handler> Runtime<H> {
                 let refetch_from = refetch.get(&slot).copied();
                 async move {
                     let mut rewind = self.process_run(consumer, &slot, &run, prior).await;
-                    if let (None, Some((from, delay))) = (&rewind, refetch_from) {
+                    let mut next = None;
+                    if let (None, Some((from, delay, expected))) = (&rewind, refetch_from) {
                         rewind = Some(self.rewind(consumer, &slot, from, delay, None));
+                        // Still expected there: a refetch from further back is a re-read, not a gap.
+                        next = Some(expected);
                     }
-                    let next = match &rewind {
+                    let next = next.or(match &rewind {
                         Some(r) => Some(r.offset),
                         None => run.last().map(|m| m.offset() + 1),
-                    };
+                    });
                     (slot, rewind, next)
                 }
             })
