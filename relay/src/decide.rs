@@ -71,6 +71,10 @@ pub enum Fault {
     /// purged or dropped by the client): not the record's fault, so no attempt is counted, and the loop
     /// stops claiming until the broker answers again. A ten-minute broker maintenance dead-letters nothing.
     Broker,
+    /// The producer's own state: the broker fenced its epoch or lost its sequence, or librdkafka raised a
+    /// fatal error. Every later record of this producer fails the same way, so no attempt is counted and
+    /// the batches in flight roll back; the process exits and a fresh producer publishes them.
+    Producer,
     /// The record's own and possibly transient (e.g. its topic does not exist yet): counts an attempt.
     Record,
     /// The record's own and certain to repeat: dead-lettered at once.
@@ -294,6 +298,9 @@ pub struct SettlePlan {
     /// Deliveries that failed through the broker's or the network's fault: the loop stops claiming
     /// until the broker answers.
     pub broker_faults: usize,
+    /// Deliveries that failed through the producer's own state ([`Fault::Producer`]): the loop rolls
+    /// back instead of settling.
+    pub producer_faults: usize,
 }
 
 /// Per key, the lowest id whose delivery failed and that is pending again (in backoff), since the
@@ -350,10 +357,12 @@ pub fn settle_after(
                     Fault::Record => {
                         (ev.attempts + 1 >= policy.max_attempts).then_some(DeadReason::MaxAttempts)
                     }
-                    Fault::Broker => None,
+                    Fault::Broker | Fault::Producer => None,
                 };
-                if *fault == Fault::Broker {
-                    plan.broker_faults += 1;
+                match fault {
+                    Fault::Broker => plan.broker_faults += 1,
+                    Fault::Producer => plan.producer_faults += 1,
+                    _ => {}
                 }
                 if dead.is_none() {
                     // Pending again: later events of its key must not be acknowledged before it.
@@ -372,11 +381,11 @@ pub fn settle_after(
                     None => Settle::Retry {
                         id: ev.id,
                         delay: match fault {
-                            Fault::Broker => backoff(0, policy, jitter()),
+                            Fault::Broker | Fault::Producer => backoff(0, policy, jitter()),
                             _ => backoff(ev.attempts, policy, jitter()),
                         },
                         error: error.clone(),
-                        counts: *fault != Fault::Broker,
+                        counts: *fault == Fault::Record,
                     },
                 });
             }

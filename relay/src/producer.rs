@@ -81,9 +81,13 @@ impl ClientContext for RelayContext {
     }
 }
 
-/// Sorts a delivery error into a metrics label and whose fault it is: one cause, one reason. Failures
-/// that are the broker's or the network's never count toward `--max-attempts`; only errors about the
-/// record itself (or its topic) do, and those certain to repeat dead-letter it at once.
+/// Sorts a delivery error into a metrics label and whose fault it is: one cause, one reason. Only errors
+/// about the record itself or its topic count toward `--max-attempts` (a topic that does not exist or
+/// may not be written), and those certain to repeat dead-letter it at once. Everything else — timeouts,
+/// transport, leaders, replicas, throttling, the producer's own state (an epoch the broker fenced after an
+/// outage: seen in the soak, is [`Fault::Producer`] and restarts the process), codes this list does not
+/// know — is the broker's or the client's, counts no attempt, and pauses claiming: a misjudged broker
+/// fault costs a wait, a misjudged record fault would dead-letter and park healthy keys.
 pub fn classify(err: &KafkaError) -> (String, Fault) {
     use RDKafkaErrorCode as C;
     let Some(code) = err.rdkafka_error_code() else {
@@ -99,36 +103,18 @@ pub fn classify(err: &KafkaError) -> (String, Fault) {
         | C::UnsupportedForMessageFormat
         | C::BadMessage
         | C::InvalidTimestamp => Fault::Permanent(DeadReason::Rejected),
-        C::MessageTimedOut
-        | C::BrokerTransportFailure
-        | C::Resolve
-        | C::AllBrokersDown
-        | C::OperationTimedOut
-        | C::TimedOutQueue
-        | C::QueueFull
-        | C::RequestTimedOut
-        | C::NetworkException
-        | C::BrokerNotAvailable
-        | C::LeaderNotAvailable
-        | C::NotLeaderForPartition
-        | C::ReplicaNotAvailable
-        | C::NotEnoughReplicas
-        | C::NotEnoughReplicasAfterAppend
-        | C::ISRInsufficient
-        | C::KafkaStorageError
-        | C::ThrottlingQuotaExceeded
-        | C::NotController
-        | C::PurgeQueue
-        | C::PurgeInflight
-        | C::Fatal
-        | C::OutOfOrderSequenceNumber
+        C::TopicAuthorizationFailed
+        | C::UnknownTopicOrPartition
+        | C::UnknownTopic
+        | C::UnknownPartition
+        | C::PolicyViolation => Fault::Record,
+        C::ProducerFenced
         | C::InvalidProducerEpoch
+        | C::OutOfOrderSequenceNumber
         | C::UnknownProducerId
-        | C::Retry
-        | C::SSL
-        | C::Authentication
-        | C::WaitCache => Fault::Broker,
-        _ => Fault::Record,
+        | C::InvalidProducerIdMapping
+        | C::Fatal => Fault::Producer,
+        _ => Fault::Broker,
     };
     (format!("{code:?}"), fault)
 }
@@ -485,6 +471,11 @@ mod tests {
             C::PurgeQueue,
         ] {
             assert_eq!(fault(c), Fault::Broker, "{c:?}");
+        }
+        // The producer's own state: the process restarts it (seen in the soak: tansu fenced the
+        // producer's epoch after an outage, and every later record failed the same way).
+        for c in [C::ProducerFenced, C::OutOfOrderSequenceNumber, C::Fatal] {
+            assert_eq!(fault(c), Fault::Producer, "{c:?}");
         }
         assert_eq!(fault(C::UnknownTopicOrPartition), Fault::Record);
         assert_eq!(fault(C::TopicAuthorizationFailed), Fault::Record);

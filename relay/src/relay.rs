@@ -93,8 +93,12 @@ pub type AckObserver = Arc<dyn Fn(f64) + Send + Sync>;
 
 /// What settling the oldest batch (and the claim overlapping its commit) came to.
 enum Settled {
-    /// Settled and committed; `broker_faults` deliveries failed through the broker's fault.
-    Committed { broker_faults: usize },
+    /// Settled and committed; `broker_faults` deliveries failed through the broker's fault, with
+    /// `codes` (the distinct error codes, for the log line).
+    Committed {
+        broker_faults: usize,
+        codes: Vec<String>,
+    },
     /// The step failed: roll everything in flight back.
     Aborted(Abort),
 }
@@ -256,13 +260,17 @@ impl Relay {
                         .await
                     {
                         Guarded::Lost => continue, // aborts at the top of the loop
-                        Guarded::Done(Settled::Committed { broker_faults }) => {
+                        Guarded::Done(Settled::Committed {
+                            broker_faults,
+                            codes,
+                        }) => {
                             errors = 0;
                             if broker_faults > 0 {
                                 broker_waits += 1;
                                 self.metrics.broker_waits.inc();
                                 tracing::warn!(
                                     deliveries = broker_faults,
+                                    codes = codes.join(","),
                                     "deliveries failed through the broker's fault; no attempt counted, claiming stops until it answers"
                                 );
                             }
@@ -336,9 +344,17 @@ impl Relay {
             Guarded::Done(Err(e)) => return Guarded::Done(Settled::Aborted(e)),
         };
         let plan = self.settle_plan(&acked, pipeline.failed_before());
-        if plan.broker_faults > 0 {
-            if let Some(fatal) = self.producer.fatal_error() {
-                return Guarded::Done(Settled::Aborted(Abort::ProducerFatal(fatal)));
+        if !plan.failed_keys.is_empty() {
+            // A producer that raised a fatal error, or whose epoch the broker fenced, fails every later
+            // record: roll back (nothing is settled) and exit, so a fresh producer publishes them.
+            let fenced = (plan.producer_faults > 0).then(|| {
+                format!(
+                    "{} deliveries failed through the producer's own state",
+                    plan.producer_faults
+                )
+            });
+            if let Some(why) = self.producer.fatal_error().or(fenced) {
+                return Guarded::Done(Settled::Aborted(Abort::ProducerFatal(why)));
             }
         }
         // The next claim must not take a key this batch failed or parked, nor one a batch still in
@@ -346,6 +362,14 @@ impl Relay {
         let claim = pipeline.next_claim(Some(&acked));
         let withheld = pipeline.withheld(Some((&acked, &plan.failed_keys)));
         let broker_faults = plan.broker_faults;
+        let mut codes: Vec<String> = Vec::new();
+        for (d, _) in &acked.outcomes {
+            if let decide::Delivery::Failed { code, .. } = d {
+                if !codes.contains(code) {
+                    codes.push(code.clone());
+                }
+            }
+        }
         let settling = tracing::Instrument::instrument(self.commit_settle(acked, plan), span);
         let claiming = async {
             match overlap {
@@ -374,7 +398,10 @@ impl Relay {
         }
         Guarded::Done(match failure {
             Some(e) => Settled::Aborted(e),
-            None => Settled::Committed { broker_faults },
+            None => Settled::Committed {
+                broker_faults,
+                codes,
+            },
         })
     }
 
