@@ -103,8 +103,7 @@ pub struct Claim {
     /// those in hand, and those committed late, redriven or unparked, until a claim from the start.
     pub after: i64,
     /// Ids in hand when the claim starts at or below them (a claim from the start while batches are in
-    /// flight); empty otherwise, since `after` then covers them. An array scanned per earlier row, so it
-    /// is passed only when needed.
+    /// flight); empty otherwise, since `after` then covers them.
     pub in_flight: Vec<i64>,
 }
 
@@ -128,11 +127,18 @@ pub struct PendingRow {
     pub locked: bool,
 }
 
+/// How far a claim looks: the next `limit` x this many due rows not in hand. A bound on the claim's
+/// work when most keys are held back (hot keys in flight), at the price of a short claim when the
+/// claimable rows lie further on; they are claimed once the rows before them have gone.
+pub const CLAIM_SCAN_FACTOR: i64 = 2;
+
 /// The claim rule that `Store::claim`'s SQL implements, as a pure function over committed pending rows
-/// (ascending ids) and the parked keys: at most `limit` ids above `claim.after`, due and not locked, whose
-/// every earlier pending row of the key is in the same claim. An earlier row holds the key back when it
-/// is at or below `claim.after`, in `claim.in_flight`, or not due. The relay runs the SQL; the model
-/// tests run this, and a differential test holds the two together on random tables.
+/// (ascending ids) and the parked keys: among the next `limit` x [`CLAIM_SCAN_FACTOR`] due rows above
+/// `claim.after` and not in `claim.in_flight`, the first `limit` whose key is not parked and whose every
+/// earlier pending row of the key is in the same claim, less those locked by another transaction
+/// (`SKIP LOCKED`). An earlier row holds the key back when it is at or below `claim.after`, in
+/// `claim.in_flight`, or not due. The relay runs the SQL; the model tests run this, and a differential
+/// test holds the two together on random tables.
 pub fn claimable(
     rows: &[PendingRow],
     claim: &Claim,
@@ -141,15 +147,18 @@ pub fn claimable(
 ) -> Vec<i64> {
     let holds_back =
         |p: &PendingRow| p.id <= claim.after || !p.due || claim.in_flight.contains(&p.id);
+    let scan = limit.saturating_mul(CLAIM_SCAN_FACTOR as usize);
     rows.iter()
-        .filter(|e| e.due && e.id > claim.after && !parked.contains(&e.key))
+        .filter(|e| e.due && e.id > claim.after && !claim.in_flight.contains(&e.id))
+        .take(scan)
+        .filter(|e| !parked.contains(&e.key))
         .filter(|e| {
             !rows
                 .iter()
                 .any(|p| p.key == e.key && p.id < e.id && holds_back(p))
         })
-        .filter(|e| !e.locked)
         .take(limit)
+        .filter(|e| !e.locked)
         .map(|e| e.id)
         .collect()
 }

@@ -6,8 +6,8 @@ use std::time::Duration;
 use outbox::SchemaName;
 use sqlx::{PgPool, Postgres, Transaction};
 
-pub use crate::decide::Claim;
 use crate::decide::Settle;
+pub use crate::decide::{Claim, CLAIM_SCAN_FACTOR};
 use crate::event::ClaimedEvent;
 
 /// What the relay does with delivered rows.
@@ -91,17 +91,29 @@ impl Store {
         let cols = "id, event_id, topic, key, payload, headers, event_type, aggregate_type, aggregate_id, created_at, attempts";
         Self {
             // A key never overtakes its head: an event is claimed only when every earlier pending event of
-            // its key is claimed with it. An earlier row holds its key back when it is at or below the
+            // its key is claimed with it. An earlier row holds the key back when it is at or below the
             // claim's start ($2: in hand, committed late, redriven, or left behind by a discard), in hand
             // ($3, needed only by a claim from the start: a record in flight may still time out and must
             // not be overtaken by a later batch), or in backoff — whatever its attempts. Keys parked in
             // dead wait.
+            // Shape, for cost: the rows that hold keys back are gathered once (`held`, one row per key
+            // with its lowest id) and hash-joined against a bounded window of candidates (`cand`, the
+            // next $4 due rows not in hand), instead of probing each candidate's earlier rows — that
+            // was O(rows of the key) per candidate, and when every key of a large backlog was held (hot
+            // keys in flight) the claim visited the whole backlog to return nothing. `ANY(ARRAY(..))`
+            // makes the final lookup by primary key. See `decide::claimable` for the same rule in Rust.
             claim_sql: format!(
-                "SELECT {cols} FROM {events} e WHERE e.next_attempt_at <= now() AND e.id > $2 \
-                 AND NOT EXISTS (SELECT 1 FROM {events} p WHERE p.topic = e.topic AND p.key = e.key \
-                     AND p.id < e.id AND (p.id <= $2 OR p.next_attempt_at > now() OR p.id = ANY($3))) \
-                 AND NOT EXISTS (SELECT 1 FROM {dead} d WHERE d.parked AND d.topic = e.topic AND d.key = e.key) \
-                 ORDER BY e.id LIMIT $1 FOR UPDATE OF e SKIP LOCKED"
+                "WITH held AS MATERIALIZED ( \
+                   SELECT h.topic, h.key, min(h.id) AS first FROM {events} h \
+                   WHERE h.id <= $2 OR h.id = ANY($3) OR h.next_attempt_at > now() GROUP BY h.topic, h.key), \
+                 cand AS (SELECT w.id, w.topic, w.key FROM {events} w \
+                   WHERE w.next_attempt_at <= now() AND w.id > $2 AND NOT w.id = ANY($3) ORDER BY w.id LIMIT $4), \
+                 ok AS (SELECT c.id FROM cand c LEFT JOIN held h ON h.topic = c.topic AND h.key = c.key \
+                   WHERE (h.first IS NULL OR h.first > c.id) \
+                   AND NOT EXISTS (SELECT 1 FROM {dead} d WHERE d.parked AND d.topic = c.topic AND d.key = c.key) \
+                   ORDER BY c.id LIMIT $1) \
+                 SELECT {cols} FROM {events} e WHERE e.id = ANY(ARRAY(SELECT id FROM ok)) \
+                 ORDER BY e.id FOR UPDATE OF e SKIP LOCKED"
             ),
             // FOR SHARE: a new holder's epoch bump waits for this transaction, so no stale commit can
             // interleave with the new holder's claims.
@@ -162,7 +174,8 @@ impl Store {
     }
 
     /// Claims up to `limit` due events in id order, locking them: those above `claim.after` (0: from the
-    /// start) whose earlier pending events of the same key are all in this claim (see [`Claim`]).
+    /// start) whose earlier pending events of the same key are all in this claim (see [`Claim`]), among
+    /// the next `limit` x [`CLAIM_SCAN_FACTOR`] due rows not in hand.
     pub async fn claim(
         &self,
         tx: &mut Transaction<'_, Postgres>,
@@ -173,6 +186,7 @@ impl Store {
             .bind(limit)
             .bind(claim.after)
             .bind(&claim.in_flight)
+            .bind(limit.saturating_mul(CLAIM_SCAN_FACTOR))
             .fetch_all(&mut **tx)
             .await?)
     }
