@@ -43,6 +43,17 @@ async fn claimed(pool: &sqlx::PgPool, claim: &Claim) -> Vec<String> {
         .collect()
 }
 
+/// Moves the pending event with this payload to dead, parked, as the relay does at max attempts.
+async fn dead_letter(pool: &sqlx::PgPool, payload: &str) {
+    sqlx::query("WITH d AS (DELETE FROM outbox.events WHERE payload = $1 RETURNING *) \
+                 INSERT INTO outbox.dead (id, event_id, topic, key, payload, headers, created_at, attempts, reason, error, parked) \
+                 SELECT id, event_id, topic, key, payload, headers, created_at, 10, 'max_attempts', 'x', true FROM d")
+        .bind(payload.as_bytes())
+        .execute(pool)
+        .await
+        .unwrap();
+}
+
 async fn ids(pool: &sqlx::PgPool) -> Vec<i64> {
     sqlx::query_scalar("SELECT id FROM outbox.events ORDER BY id")
         .fetch_all(pool)
@@ -129,12 +140,7 @@ async fn rows_below_the_claims_start_hold_their_keys_back_whatever_their_attempt
     assert_eq!(claimed(pool, &Claim::from_start()).await.len(), 7);
 
     // A redriven head: K:0 dead and parked, then redriven (attempts 0, its original id).
-    sqlx::query("WITH d AS (DELETE FROM outbox.events WHERE key = 'key-k' AND payload = 'key-k:0' RETURNING *) \
-                 INSERT INTO outbox.dead (id, event_id, topic, key, payload, headers, created_at, attempts, reason, error, parked) \
-                 SELECT id, event_id, topic, key, payload, headers, created_at, 10, 'max_attempts', 'x', true FROM d")
-        .execute(pool)
-        .await
-        .unwrap();
+    dead_letter(pool, "key-k:0").await;
     assert!(
         !claimed(pool, &Claim::from_start())
             .await
@@ -168,12 +174,7 @@ async fn rows_below_the_claims_start_hold_their_keys_back_whatever_their_attempt
     );
 
     // A discard unparks K's later events, which sit below the start of the claims above them.
-    sqlx::query("WITH d AS (DELETE FROM outbox.events WHERE key = 'key-k' AND payload = 'key-k:0' RETURNING *) \
-                 INSERT INTO outbox.dead (id, event_id, topic, key, payload, headers, created_at, attempts, reason, error, parked) \
-                 SELECT id, event_id, topic, key, payload, headers, created_at, 10, 'max_attempts', 'x', true FROM d")
-        .execute(pool)
-        .await
-        .unwrap();
+    dead_letter(pool, "key-k:0").await;
     tools::dead_discard(pool, &SchemaName::default(), &selector)
         .await
         .unwrap();
