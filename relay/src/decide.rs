@@ -134,9 +134,9 @@ pub const CLAIM_SCAN_FACTOR: i64 = 2;
 
 /// The claim rule that `Store::claim`'s SQL implements, as a pure function over committed pending rows
 /// (ascending ids) and the parked keys: among the next `limit` x [`CLAIM_SCAN_FACTOR`] due rows above
-/// `claim.after` and not in `claim.in_flight`, the first `limit` whose key is not parked and whose every
-/// earlier pending row of the key is in the same claim, less those locked by another transaction
-/// (`SKIP LOCKED`). An earlier row holds the key back when it is at or below `claim.after`, in
+/// `claim.after` and not in `claim.in_flight`, the first `limit` not locked by another transaction
+/// (`SKIP LOCKED`) whose key is not parked and whose every earlier pending row of the key is in the same
+/// claim. An earlier row holds the key back when it is at or below `claim.after`, in
 /// `claim.in_flight`, or not due. The relay runs the SQL; the model tests run this, and a differential
 /// test holds the two together on random tables.
 pub fn claimable(
@@ -157,8 +157,8 @@ pub fn claimable(
                 .iter()
                 .any(|p| p.key == e.key && p.id < e.id && holds_back(p))
         })
-        .take(limit)
         .filter(|e| !e.locked)
+        .take(limit)
         .map(|e| e.id)
         .collect()
 }

@@ -229,6 +229,10 @@ impl Relay {
             // Fill the pipeline while claims come back full (more is likely waiting); not while the
             // broker is failing deliveries.
             let mut failure = None;
+            // A claim that came back empty while batches are in flight found every key it looked at held
+            // back by them; the overlap claim below would find the same (the settling batch still counts
+            // as in hand), so it waits for the next round, which claims from the start.
+            let mut came_back_empty = false;
             while !stopping && broker_waits == 0 && pipeline.len() < depth {
                 let claim = pipeline.next_claim(None);
                 let withheld = pipeline.withheld(None);
@@ -240,6 +244,7 @@ impl Relay {
                 {
                     Guarded::Lost => break,
                     Guarded::Done(Ok(batch)) => {
+                        came_back_empty = batch.is_none();
                         let more = pipeline.admit(claim.after, batch, self.cfg.batch_size);
                         self.metrics.in_flight_batches.set(pipeline.len() as i64);
                         if !more {
@@ -254,7 +259,10 @@ impl Relay {
             }
             if failure.is_none() && !lost.is_cancelled() {
                 if let Some(oldest) = pipeline.pop_oldest() {
-                    let overlap = !stopping && broker_waits == 0 && pipeline.len() < depth;
+                    let overlap = !stopping
+                        && broker_waits == 0
+                        && pipeline.len() < depth
+                        && !came_back_empty;
                     match self
                         .settle_oldest(&mut pipeline, oldest, leadership, overlap)
                         .await
