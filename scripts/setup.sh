@@ -4,6 +4,9 @@
 #   - stunnel4 from Debian packages (TLS and mutual TLS in front of the test broker),
 #   - prometheus from Debian packages (promtool for the alert rule tests),
 #   - tansu 0.6 (Kafka-protocol broker with admin APIs) under $OUTBOX_CACHE,
+#   - Apache Kafka $KAFKA_VERSION's broker jars from Maven Central (scripts/kafka/pom.xml, Maven verifies
+#     their checksums) under $OUTBOX_CACHE/kafka-$KAFKA_VERSION/libs, unless $KAFKA_HOME has a distribution;
+#     needs Java 17+ and Maven,
 #   - a Python venv under $OUTBOX_CACHE with Helm's library (helm-python-sdk) and kubernetes-validate, for
 #     `make check-manifests` (render the chart, validate manifests against the Kubernetes schemas),
 #   - a Kubernetes control plane for tests (etcd, kube-apiserver, kube-controller-manager v$K8S_VERSION):
@@ -13,6 +16,7 @@ set -euo pipefail
 
 CACHE="${OUTBOX_CACHE:-$HOME/.cache/outbox-operator}"
 TANSU_VERSION=0.6.0
+KAFKA_VERSION=4.4.0
 K8S_VERSION=1.36.2
 mkdir -p "$CACHE"
 
@@ -51,6 +55,35 @@ if [ ! -x "$TANSU" ]; then
   echo "setup: building tansu $TANSU_VERSION into $CACHE (about 15 minutes, once)"
   cargo install tansu --version "$TANSU_VERSION" --features dynostore --locked --root "$CACHE/tansu-$TANSU_VERSION"
 fi
+# Apache Kafka: `java -cp 'libs/*' kafka.Kafka` is a KRaft broker (test-support's `apache` module).
+java_major() { java -version 2>&1 | awk -F'"' '/version/ { split($2, v, "."); print (v[1] == 1 ? v[2] : v[1]); exit }'; }
+if ! command -v java >/dev/null || [ "$(java_major)" -lt 17 ]; then
+  echo "setup: Apache Kafka $KAFKA_VERSION needs Java 17 or newer; installing openjdk-17-jre-headless"
+  as_root apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends openjdk-17-jre-headless >/dev/null
+fi
+KAFKA_DIR="$CACHE/kafka-$KAFKA_VERSION"
+POM="$(cd "$(dirname "$0")" && pwd)/kafka/pom.xml"
+if [ -n "${KAFKA_HOME:-}" ]; then
+  [ -d "$KAFKA_HOME/libs" ] || { echo "setup: KAFKA_HOME=$KAFKA_HOME has no libs/ directory" >&2; exit 1; }
+  KAFKA_FROM="\$KAFKA_HOME"
+elif [ "$(cat "$KAFKA_DIR/.installed" 2>/dev/null)" != "$(sha256sum < "$POM")" ]; then
+  if ! command -v mvn >/dev/null; then
+    echo "setup: installing Maven (fetches Apache Kafka's jars from Maven Central)"
+    as_root apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -qq --no-install-recommends maven >/dev/null
+  fi
+  echo "setup: fetching Apache Kafka $KAFKA_VERSION from Maven Central into $KAFKA_DIR"
+  rm -rf "$KAFKA_DIR.part"
+  # -C: a checksum mismatch fails the fetch (Maven only warns by default).
+  mvn -q -B -C -Dstyle.color=never -f "$POM" dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$KAFKA_DIR.part/libs"
+  rm -rf "$KAFKA_DIR" && mv "$KAFKA_DIR.part" "$KAFKA_DIR"
+  sha256sum < "$POM" > "$KAFKA_DIR/.installed"
+  KAFKA_FROM="$KAFKA_DIR"
+else
+  KAFKA_FROM="$KAFKA_DIR"
+fi
+
 VENV="$CACHE/manifests-venv"
 MANIFEST_TOOLS="helm-python-sdk==0.2.2 kubernetes-validate==1.37.0"
 if [ "$(cat "$VENV/.installed" 2>/dev/null)" != "$MANIFEST_TOOLS" ]; then
@@ -103,4 +136,4 @@ MSG
   K8S_FROM="$K8S_DIR"
 fi
 
-echo "setup: PostgreSQL $(ls -d /usr/lib/postgresql/*/ | xargs -n1 basename | sort -n | tail -1), tansu $TANSU_VERSION, Kubernetes control plane from $K8S_FROM ready"
+echo "setup: PostgreSQL $(ls -d /usr/lib/postgresql/*/ | xargs -n1 basename | sort -n | tail -1), tansu $TANSU_VERSION, Apache Kafka from $KAFKA_FROM, Kubernetes control plane from $K8S_FROM ready"

@@ -1,12 +1,15 @@
 //! Real servers for tests and benchmarks, started on free loopback ports and torn down afterwards:
 //! a throwaway PostgreSQL cluster per process ([`pg`]), librdkafka's in-process mock cluster and a tansu
-//! broker ([`kafka`]) with an optional TLS listener (stunnel) in front, a real Kubernetes control plane
+//! broker ([`kafka`]) with an optional TLS listener (stunnel) in front, an Apache Kafka cluster of 1 or 3
+//! KRaft nodes ([`apache`], feature `apache-kafka`), a real Kubernetes control plane
 //! ([`control_plane`], feature `control-plane`) and test certificate authorities ([`tls`], feature `tls`) and a time-bounded fuzzing driver
 //! ([`fuzz`], feature `fuzz`), and a TCP proxy that adds network latency on loopback ([`delay_proxy`]).
 //! [`cli`] runs a binary and checks how it refuses bad settings; [`history`] holds what a topic has against
 //! what was written (lost, duplicated, reordered).
 //! Nothing here touches a shared system database or a non-loopback address.
 
+#[cfg(feature = "apache-kafka")]
+pub mod apache;
 pub mod cli;
 #[cfg(feature = "control-plane")]
 pub mod control_plane;
