@@ -1,5 +1,5 @@
-//! The Apache Kafka harness: a cluster starts, its listeners authenticate as configured (PLAIN over
-//! SASL_SSL, client certificates over SSL) and refuse wrong credentials, and a three-node cluster keeps
+//! The Apache Kafka harness: a cluster starts, its listeners authenticate as configured (SCRAM-SHA-256/512
+//! and PLAIN over SASL_SSL, client certificates over SSL) and refuse wrong credentials, and a three-node cluster keeps
 //! acks=all writes going when a partition leader is SIGKILLed.
 
 #![cfg(feature = "apache-kafka")]
@@ -50,16 +50,22 @@ async fn one_node_authenticates_each_listener_and_refuses_wrong_credentials() {
     let mut plain = ClientConfig::new();
     plain.set("bootstrap.servers", cluster.bootstrap());
     produce(&plain, "auth", 1).await.expect("PLAINTEXT");
-    produce(&sasl(&cluster, "PLAIN", "relay", "relay-secret"), "auth", 1)
+    for mechanism in ["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"] {
+        produce(
+            &sasl(&cluster, mechanism, "relay", "relay-secret"),
+            "auth",
+            1,
+        )
         .await
-        .expect("SASL_SSL PLAIN");
-    let mut wrong = sasl(&cluster, "PLAIN", "relay", "wrong");
-    wrong.set("message.timeout.ms", "5000");
-    // librdkafka reports the refusal as a client error and the record then times out.
-    assert!(
-        produce(&wrong, "auth", 1).await.is_err(),
-        "a wrong password is refused"
-    );
+        .unwrap_or_else(|e| panic!("SASL_SSL {mechanism}: {e}"));
+        let mut wrong = sasl(&cluster, mechanism, "relay", "wrong");
+        wrong.set("message.timeout.ms", "5000");
+        // librdkafka reports the refusal as a client error and the record then times out.
+        assert!(
+            produce(&wrong, "auth", 1).await.is_err(),
+            "{mechanism}: a wrong password is refused"
+        );
+    }
 
     let client = cluster.ca().client("relay").unwrap();
     let mut ssl = ClientConfig::new();
@@ -81,7 +87,7 @@ async fn one_node_authenticates_each_listener_and_refuses_wrong_credentials() {
         "SSL without a client certificate is refused"
     );
     let records = test_support::kafka::read_topic(&cluster.bootstrap(), "auth").unwrap();
-    assert_eq!(records.len(), 3, "PLAINTEXT, SASL PLAIN, SSL");
+    assert_eq!(records.len(), 5, "PLAINTEXT, three SASL mechanisms, SSL");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
