@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::future::BoxFuture;
 use rdkafka::admin::{
@@ -11,7 +11,7 @@ use rdkafka::admin::{
 };
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use super::{AdminError, NewTopicPlan, TopicAdmin};
@@ -37,6 +37,17 @@ impl KafkaAdmin {
             config,
             timeout: Duration::from_secs(10),
         })
+    }
+
+    /// `r`, its error preceded by the broker's refusal of this client's credentials or certificate when
+    /// that is the cause: the call itself then fails only with a transport error or a timeout.
+    async fn judged<T>(&self, r: Result<T, AdminError>) -> Result<T, AdminError> {
+        let Err(e) = r else { return r };
+        let config = self.config.clone();
+        match tokio::task::spawn_blocking(move || refusal(&config)).await {
+            Ok(Some(refused)) => Err(AdminError(format!("{refused} ({e})"))),
+            _ => Err(e),
+        }
     }
 
     fn options(&self) -> AdminOptions {
@@ -90,8 +101,9 @@ impl TopicAdmin for KafkaAdmin {
             let md =
                 tokio::task::spawn_blocking(move || admin.inner().fetch_metadata(None, timeout))
                     .await
-                    .map_err(|e| AdminError(e.to_string()))?
-                    .map_err(|e| AdminError(e.to_string()))?;
+                    .map_err(|e| AdminError(e.to_string()))
+                    .and_then(|r| r.map_err(|e| AdminError(e.to_string())));
+            let md = self.judged(md).await?;
             Ok(md
                 .topics()
                 .iter()
@@ -111,29 +123,32 @@ impl TopicAdmin for KafkaAdmin {
             for (k, v) in &topic.config {
                 t = t.set(k, v);
             }
-            one_result(
+            self.judged(one_result(
                 self.admin.create_topics([&t], &self.options()).await,
                 &[RDKafkaErrorCode::TopicAlreadyExists],
-            )
+            ))
+            .await
         })
     }
 
     fn grow<'a>(&'a self, name: &'a str, total: i32) -> BoxFuture<'a, Result<(), AdminError>> {
         Box::pin(async move {
             let p = NewPartitions::new(name, total as usize);
-            one_result(
+            self.judged(one_result(
                 self.admin.create_partitions([&p], &self.options()).await,
                 &[],
-            )
+            ))
+            .await
         })
     }
 
     fn delete<'a>(&'a self, name: &'a str) -> BoxFuture<'a, Result<(), AdminError>> {
         Box::pin(async move {
-            one_result(
+            self.judged(one_result(
                 self.admin.delete_topics(&[name], &self.options()).await,
                 &[RDKafkaErrorCode::UnknownTopicOrPartition],
-            )
+            ))
+            .await
         })
     }
 
@@ -149,11 +164,43 @@ impl TopicAdmin for KafkaAdmin {
         let topics = topics.to_vec();
         let timeout = self.timeout;
         Box::pin(async move {
-            tokio::task::spawn_blocking(move || blocking_lag(config, &topics, timeout))
+            let lag = tokio::task::spawn_blocking(move || blocking_lag(config, &topics, timeout))
                 .await
-                .map_err(|e| AdminError(e.to_string()))?
+                .map_err(|e| AdminError(e.to_string()))
+                .and_then(|r| r);
+            self.judged(lag).await
         })
     }
+}
+
+/// Whether the broker refuses a client with `config`, and how, said for a status message. librdkafka
+/// reports a refused login or TLS handshake only as an error event on the client's queue, which an
+/// AdminClient does not serve; a short-lived consumer with the same settings connects and reads it.
+/// Blocking (up to ~3 s).
+fn refusal(config: &ClientConfig) -> Option<String> {
+    let consumer: BaseConsumer = config.create().ok()?;
+    let _ = consumer.fetch_metadata(None, Duration::from_secs(1));
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while Instant::now() < deadline {
+        let Some(Err(KafkaError::MessageConsumption(code))) =
+            consumer.poll(Duration::from_millis(100))
+        else {
+            continue;
+        };
+        let what = match code {
+            RDKafkaErrorCode::Authentication | RDKafkaErrorCode::SaslAuthenticationFailed => {
+                let mechanism = config.get("sasl.mechanism").unwrap_or("SASL");
+                let user = config.get("sasl.username").unwrap_or("?");
+                format!("the broker refused the {mechanism} login of user {user:?}")
+            }
+            RDKafkaErrorCode::SSL => {
+                "the TLS handshake failed (certificate refused or not trusted)".to_string()
+            }
+            _ => continue,
+        };
+        return Some(format!("{what}: {code}"));
+    }
+    None
 }
 
 /// librdkafka's committed-offset and watermark calls block; run off the async workers.
