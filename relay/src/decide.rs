@@ -127,36 +127,37 @@ pub struct PendingRow {
     pub locked: bool,
 }
 
-/// How far a claim looks: the next `limit` x this many due rows not in hand. A bound on the claim's
-/// work when most keys are held back (hot keys in flight), at the price of a short claim when the
-/// claimable rows lie further on; they are claimed once the rows before them have gone.
+/// How far a claim looks: the next `limit` x this many due rows not in hand whose keys do not wait for
+/// long (parked, or with a row in backoff). A bound on the claim's work when most keys are held
+/// back by rows in flight (hot keys), at the price of a short claim when the claimable rows lie further
+/// on; those holds end within a batch's round trip, and the rows behind them are claimed then.
 pub const CLAIM_SCAN_FACTOR: i64 = 2;
 
 /// The claim rule that `Store::claim`'s SQL implements, as a pure function over committed pending rows
-/// (ascending ids) and the parked keys: among the next `limit` x [`CLAIM_SCAN_FACTOR`] due rows above
-/// `claim.after` and not in `claim.in_flight`, the first `limit` not locked by another transaction
-/// (`SKIP LOCKED`) whose key is not parked and whose every earlier pending row of the key is in the same
-/// claim. An earlier row holds the key back when it is at or below `claim.after`, in
-/// `claim.in_flight`, or not due. The relay runs the SQL; the model tests run this, and a differential
-/// test holds the two together on random tables.
+/// (ascending ids) and the parked keys: an event is claimed only when every earlier pending row of its
+/// key is in the same claim. An earlier row holds the key back when it is at or below `claim.after` or in
+/// `claim.in_flight`; a key that is parked or has a row in backoff waits whole. Of the due rows above
+/// `claim.after`, not in `claim.in_flight`, whose keys do not wait, the next `limit` x
+/// [`CLAIM_SCAN_FACTOR`] are looked at; of those, the first `limit` not locked by another transaction
+/// (`SKIP LOCKED`) whose keys nothing else holds back are claimed. The relay runs the SQL; the model tests
+/// run this, and a differential test holds the two together on random tables.
 pub fn claimable(
     rows: &[PendingRow],
     claim: &Claim,
     limit: usize,
     parked: &HashSet<TopicKey>,
 ) -> Vec<i64> {
-    let holds_back =
-        |p: &PendingRow| p.id <= claim.after || !p.due || claim.in_flight.contains(&p.id);
+    let earlier = |e: &PendingRow, held: &dyn Fn(&PendingRow) -> bool| {
+        rows.iter()
+            .any(|p| p.key == e.key && p.id < e.id && held(p))
+    };
+    let in_flight = |p: &PendingRow| p.id <= claim.after || claim.in_flight.contains(&p.id);
     let scan = limit.saturating_mul(CLAIM_SCAN_FACTOR as usize);
     rows.iter()
         .filter(|e| e.due && e.id > claim.after && !claim.in_flight.contains(&e.id))
+        .filter(|e| !parked.contains(&e.key) && !rows.iter().any(|p| p.key == e.key && !p.due))
         .take(scan)
-        .filter(|e| !parked.contains(&e.key))
-        .filter(|e| {
-            !rows
-                .iter()
-                .any(|p| p.key == e.key && p.id < e.id && holds_back(p))
-        })
+        .filter(|e| !earlier(e, &in_flight))
         .filter(|e| !e.locked)
         .take(limit)
         .map(|e| e.id)

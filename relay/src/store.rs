@@ -96,28 +96,35 @@ impl Store {
             // ($3, needed only by a claim from the start: a record in flight may still time out and must
             // not be overtaken by a later batch), or in backoff — whatever its attempts. Keys parked in
             // dead wait.
-            // Shape, for cost: the rows that hold keys back are gathered once (`held`, one row per key
-            // with its lowest id; each part an index range) and hash-joined against a bounded window of
-            // candidates (`cand`, the next $4 due rows not in hand), instead of probing each candidate's
-            // earlier rows: when every key of a large backlog was held (hot keys in flight) that probe
-            // visited the whole backlog to return nothing (~2 s on 200,000 rows). The ids in hand are
-            // a set (`hand`), not `<> ALL($3)`: a generic plan scans a parameter array per row.
-            // `ANY(ARRAY(..))` makes the final lookup by primary key; the limit comes after `SKIP LOCKED`,
-            // so competing relays take the rows after each other's. `decide::claimable` is the same rule.
+            // Shape, for cost: the keys held back are gathered once, one row per key with its lowest
+            // holding id, and hash-joined, instead of probing each candidate's earlier rows (that
+            // visited the whole backlog when every key was held — hot keys in flight — ~2 s on 200,000
+            // rows). Keys that wait for long (`waiting`: a row in backoff, or parked) are skipped whole
+            // while the candidates are read, so they never fill the window (`NOT IN`: a hashed filter
+            // that keeps the id order; an anti-join made a generic plan sort the whole backlog);
+            // keys held by rows in flight or below the start (`flying`, gone within a batch's round
+            // trip) are applied to a bounded window of candidates (`cand`, the next $4 due rows not in
+            // hand), so a claim that finds every key in flight costs about as much as a productive one.
+            // The ids in hand are a set (`hand`), not `<> ALL($3)`: a generic plan scans a parameter
+            // array per row. The final lookup is by primary key; its limit comes after `SKIP LOCKED`, so
+            // competing relays take the rows after each other's. `decide::claimable` is the same rule.
             claim_sql: format!(
                 "WITH hand AS MATERIALIZED (SELECT unnest($3::bigint[]) AS id), \
-                 held AS MATERIALIZED ( \
-                   SELECT h.topic, h.key, min(h.id) AS first FROM ( \
+                 waiting AS MATERIALIZED ( \
+                   SELECT topic, key FROM {events} WHERE next_attempt_at > now() \
+                   UNION SELECT topic, key FROM {dead} WHERE parked), \
+                 flying AS MATERIALIZED ( \
+                   SELECT f.topic, f.key, min(f.id) AS first FROM ( \
                      SELECT topic, key, id FROM {events} WHERE id <= $2 \
-                     UNION ALL SELECT topic, key, id FROM {events} WHERE id = ANY($3) \
-                     UNION ALL SELECT topic, key, id FROM {events} WHERE next_attempt_at > now()) h \
-                   GROUP BY h.topic, h.key), \
+                     UNION ALL SELECT topic, key, id FROM {events} WHERE id = ANY($3)) f \
+                   GROUP BY f.topic, f.key), \
                  cand AS (SELECT w.id, w.topic, w.key FROM {events} w \
                    WHERE w.next_attempt_at <= now() AND w.id > $2 \
-                   AND NOT EXISTS (SELECT 1 FROM hand WHERE hand.id = w.id) ORDER BY w.id LIMIT $4), \
-                 ok AS (SELECT c.id FROM cand c LEFT JOIN held h ON h.topic = c.topic AND h.key = c.key \
-                   WHERE (h.first IS NULL OR h.first > c.id) \
-                   AND NOT EXISTS (SELECT 1 FROM {dead} d WHERE d.parked AND d.topic = c.topic AND d.key = c.key)) \
+                   AND NOT EXISTS (SELECT 1 FROM hand WHERE hand.id = w.id) \
+                   AND (w.topic, w.key) NOT IN (SELECT topic, key FROM waiting) \
+                   ORDER BY w.id LIMIT $4), \
+                 ok AS (SELECT c.id FROM cand c WHERE NOT EXISTS (SELECT 1 FROM flying h \
+                   WHERE h.topic = c.topic AND h.key = c.key AND h.first < c.id)) \
                  SELECT {cols} FROM {events} e WHERE e.id = ANY(ARRAY(SELECT id FROM ok)) \
                  ORDER BY e.id LIMIT $1 FOR UPDATE OF e SKIP LOCKED"
             ),

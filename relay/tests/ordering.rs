@@ -244,6 +244,37 @@ async fn a_key_in_flight_is_withheld_from_later_batches() {
     in_flight.rollback().await.unwrap();
 }
 
+/// The claim looks at a bounded window of due rows (limit x `CLAIM_SCAN_FACTOR`), but a key that waits for
+/// long — parked by a dead event, or with an event in backoff — must not fill that window and stall every
+/// other key behind it: such keys are skipped before the window is taken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_key_with_more_rows_than_the_window_does_not_stall_the_others() {
+    let db = migrated_db().await;
+    let pool = &db.pool;
+    let window = 100 * relay::store::CLAIM_SCAN_FACTOR as u32; // `claimed` claims 100
+    for key in ["key-parked", "key-backoff"] {
+        let mut tx = pool.begin().await.unwrap();
+        for seq in 0..window + 10 {
+            write(&mut tx, key, seq).await;
+        }
+        tx.commit().await.unwrap();
+    }
+    commit_one(pool, "key-q", 0).await;
+    dead_letter(pool, "key-parked:0").await;
+    sqlx::query(
+        "UPDATE outbox.events SET attempts = 1, next_attempt_at = now() + interval '1 hour' \
+         WHERE payload = 'key-backoff:0'",
+    )
+    .execute(pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        claimed(pool, &Claim::from_start()).await,
+        ["key-q:0"],
+        "the parked key and the key in backoff wait; the key behind them does not"
+    );
+}
+
 /// The broker is down for 30 delivery timeouts (1 s each), longer than the attempts (10, the default)
 /// with a short backoff would last: the failures are the broker's, so no attempt is counted, claiming
 /// stops until it answers, nothing is dead-lettered and everything arrives in key order.
