@@ -308,8 +308,8 @@ pub struct SettlePlan {
     /// Deliveries that failed through the broker's or the network's fault: the loop stops claiming
     /// until the broker answers.
     pub broker_faults: usize,
-    /// Deliveries that failed through the producer's own state ([`Fault::Producer`]): the loop rolls
-    /// back instead of settling.
+    /// Deliveries that failed through the producer's own state ([`Fault::Producer`]): settled like the
+    /// broker's; the loop ends the process when they repeat batch after batch.
     pub producer_faults: usize,
 }
 

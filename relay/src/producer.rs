@@ -84,8 +84,8 @@ impl ClientContext for RelayContext {
 /// Sorts a delivery error into a metrics label and whose fault it is: one cause, one reason. Only errors
 /// about the record itself or its topic count toward `--max-attempts` (a topic that does not exist or
 /// may not be written), and those certain to repeat dead-letter it at once. Everything else — timeouts,
-/// transport, leaders, replicas, throttling, the producer's own state (an epoch the broker fenced after an
-/// outage: seen in the soak, is [`Fault::Producer`] and restarts the process), codes this list does not
+/// transport, leaders, replicas, throttling, the producer's own state (an epoch fenced or bumped after an
+/// outage is [`Fault::Producer`]: the process restarts when it repeats), codes this list does not
 /// know — is the broker's or the client's, counts no attempt, and pauses claiming: a misjudged broker
 /// fault costs a wait, a misjudged record fault would dead-letter and park healthy keys.
 pub fn classify(err: &KafkaError) -> (String, Fault) {

@@ -91,12 +91,19 @@ async fn unless_lost<T>(
 /// Receives every commit→ack latency in seconds (benchmarks need exact samples, not histogram buckets).
 pub type AckObserver = Arc<dyn Fn(f64) + Send + Sync>;
 
+/// Settles in a row with deliveries failed through the producer's own state after which the process
+/// ends, so a fresh producer publishes: one such settle is librdkafka recovering (an epoch bumped after a
+/// timeout); a broker that fenced the producer for good (seen with tansu after an outage) fails every one.
+const PRODUCER_FAULT_STREAK: u32 = 3;
+
 /// What settling the oldest batch (and the claim overlapping its commit) came to.
 enum Settled {
     /// Settled and committed; `broker_faults` deliveries failed through the broker's fault, with
     /// `codes` (the distinct error codes, for the log line).
     Committed {
         broker_faults: usize,
+        /// Deliveries that failed through the producer's own state (settled like the broker's).
+        producer_faults: usize,
         codes: Vec<String>,
     },
     /// The step failed: roll everything in flight back.
@@ -202,6 +209,8 @@ impl Relay {
         let mut listener = None;
         let mut errors = 0u32;
         let mut broker_waits = 0u32;
+        // Settles in a row with deliveries failed through the producer's own state.
+        let mut producer_streak = 0u32;
         let mut last_maintenance = Instant::now();
         loop {
             self.metrics.in_flight_batches.set(pipeline.len() as i64);
@@ -270,16 +279,31 @@ impl Relay {
                         Guarded::Lost => continue, // aborts at the top of the loop
                         Guarded::Done(Settled::Committed {
                             broker_faults,
+                            producer_faults,
                             codes,
                         }) => {
                             errors = 0;
+                            producer_streak = if producer_faults > 0 {
+                                producer_streak + 1
+                            } else {
+                                0
+                            };
+                            if producer_streak >= PRODUCER_FAULT_STREAK {
+                                let e = Abort::ProducerFatal(format!(
+                                    "deliveries failed through the producer's own state in {producer_streak} batches in a row (codes {})",
+                                    codes.join(",")
+                                ));
+                                self.aborted(&mut pipeline, &e);
+                                return Err(e);
+                            }
+                            let broker_faults = broker_faults + producer_faults;
                             if broker_faults > 0 {
                                 broker_waits += 1;
                                 self.metrics.broker_waits.inc();
                                 tracing::warn!(
                                     deliveries = broker_faults,
                                     codes = codes.join(","),
-                                    "deliveries failed through the broker's fault; no attempt counted, claiming stops until it answers"
+                                    "deliveries failed through the broker's fault or the producer's state; no attempt counted, claiming stops until it answers"
                                 );
                             }
                             continue;
@@ -353,15 +377,11 @@ impl Relay {
         };
         let plan = self.settle_plan(&acked, pipeline.failed_before());
         if !plan.failed_keys.is_empty() {
-            // A producer that raised a fatal error, or whose epoch the broker fenced, fails every later
-            // record: roll back (nothing is settled) and exit, so a fresh producer publishes them.
-            let fenced = (plan.producer_faults > 0).then(|| {
-                format!(
-                    "{} deliveries failed through the producer's own state",
-                    plan.producer_faults
-                )
-            });
-            if let Some(why) = self.producer.fatal_error().or(fenced) {
+            // A producer that raised a fatal error fails every later record: roll back (nothing is
+            // settled) and exit, so a fresh producer publishes them. Failures of the producer's own state
+            // short of that (an epoch bumped after a timeout) settle like the broker's; the loop ends the
+            // process only when they repeat (`PRODUCER_FAULT_STREAK`).
+            if let Some(why) = self.producer.fatal_error() {
                 return Guarded::Done(Settled::Aborted(Abort::ProducerFatal(why)));
             }
         }
@@ -369,7 +389,7 @@ impl Relay {
         // flight parks: none of those rows is committed yet, so the claim's own exclusions cannot see them.
         let claim = pipeline.next_claim(Some(&acked));
         let withheld = pipeline.withheld(Some((&acked, &plan.failed_keys)));
-        let broker_faults = plan.broker_faults;
+        let (broker_faults, producer_faults) = (plan.broker_faults, plan.producer_faults);
         let mut codes: Vec<String> = Vec::new();
         for (d, _) in &acked.outcomes {
             if let decide::Delivery::Failed { code, .. } = d {
@@ -408,6 +428,7 @@ impl Relay {
             Some(e) => Settled::Aborted(e),
             None => Settled::Committed {
                 broker_faults,
+                producer_faults,
                 codes,
             },
         })
