@@ -2,36 +2,19 @@
 //! SASL_SSL with SCRAM-SHA-512, and the `demo-consumer` binary with a wrong password keeps running, handles
 //! nothing and says why in its log.
 
+mod common;
+
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{effects_db, produce_events, Record};
 use consumer_runtime::metrics::Metrics;
-use consumer_runtime::{Handler, HandlerError, Message, Runtime, RuntimeConfig};
+use consumer_runtime::{Runtime, RuntimeConfig};
 use outbox::SchemaName;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
-use sqlx::{Postgres, Transaction};
 use test_support::apache;
 use tokio_util::sync::CancellationToken;
-
-struct Record;
-
-impl Handler for Record {
-    async fn handle(
-        &self,
-        msg: &Message,
-        tx: &mut Transaction<'static, Postgres>,
-    ) -> Result<(), HandlerError> {
-        sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
-            .bind(msg.event_id)
-            .execute(&mut **tx)
-            .await
-            .map_err(|e| HandlerError::Retriable(e.to_string()))?;
-        Ok(())
-    }
-}
 
 fn scram(password: &str) -> Vec<(String, String)> {
     let cluster = apache::shared(1);
@@ -51,14 +34,7 @@ fn scram(password: &str) -> Vec<(String, String)> {
 async fn the_runtime_consumes_over_scram_sha_512() {
     let cluster = apache::shared(1);
     cluster.create_topic("receipts", 2, 1, &[]).await.unwrap();
-    let db = test_support::pg::fresh_db().await;
-    consumer_runtime::inbox::migrate(&db.pool, &SchemaName::new("inbox").unwrap())
-        .await
-        .unwrap();
-    sqlx::query("CREATE TABLE effects (event_id uuid NOT NULL)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let db = effects_db().await;
     let mut cfg = RuntimeConfig::new(
         "receipts-group",
         vec!["receipts".into()],
@@ -72,27 +48,7 @@ async fn the_runtime_consumes_over_scram_sha_512() {
     let s = stop.clone();
     let task = tokio::spawn(async move { rt.run(s).await.unwrap() });
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", cluster.bootstrap())
-        .create()
-        .unwrap();
-    for key in ["a", "b", "c", "d"] {
-        let id = uuid::Uuid::now_v7().to_string();
-        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-            key: "event_id",
-            value: Some(id.as_bytes()),
-        });
-        producer
-            .send(
-                FutureRecord::to("receipts")
-                    .key(key)
-                    .payload("x")
-                    .headers(headers),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    produce_events(&cluster.bootstrap(), "receipts", &["a", "b", "c", "d"]).await;
     test_support::wait_for("four records handled", Duration::from_secs(60), || async {
         (metrics.processed.get() == 4).then_some(())
     })

@@ -1,39 +1,22 @@
 //! A member that a real broker (tansu) leaves without partitions after a killed member comes back within
 //! its session timeout: the runtime notices and replaces its Kafka client.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{effects_db, produce_events, Record};
 use consumer_runtime::metrics::Metrics;
-use consumer_runtime::{Handler, HandlerError, Message, RetryPolicy, Runtime, RuntimeConfig};
+use consumer_runtime::{RetryPolicy, Runtime, RuntimeConfig};
 use outbox::SchemaName;
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
-use sqlx::{Postgres, Transaction};
 use test_support::kafka::Tansu;
 use test_support::wait_for;
 use tokio_util::sync::CancellationToken;
 
 const GROUP: &str = "notification";
-
-struct Record;
-
-impl Handler for Record {
-    async fn handle(
-        &self,
-        msg: &Message,
-        tx: &mut Transaction<'static, Postgres>,
-    ) -> Result<(), HandlerError> {
-        sqlx::query("INSERT INTO effects (event_id) VALUES ($1)")
-            .bind(msg.event_id)
-            .execute(&mut **tx)
-            .await
-            .map_err(|e| HandlerError::Retriable(e.to_string()))?;
-        Ok(())
-    }
-}
 
 fn get(port: u16, path: &str) -> Option<String> {
     let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -59,14 +42,7 @@ fn first_member(url: &str, brokers: &str, port: u16) -> Child {
 async fn a_member_left_without_partitions_by_a_dead_leader_gets_a_new_kafka_client() {
     let tansu = Tansu::start().unwrap();
     tansu.create_topic("orders", 2).await.unwrap();
-    let db = test_support::pg::fresh_db().await;
-    consumer_runtime::inbox::migrate(&db.pool, &SchemaName::new("inbox").unwrap())
-        .await
-        .unwrap();
-    sqlx::query("CREATE TABLE effects (event_id uuid NOT NULL)")
-        .execute(&db.pool)
-        .await
-        .unwrap();
+    let db = effects_db().await;
 
     let port = test_support::free_port();
     let mut first = first_member(&db.url, &tansu.bootstrap(), port);
@@ -102,27 +78,7 @@ async fn a_member_left_without_partitions_by_a_dead_leader_gets_a_new_kafka_clie
     let s = stop.clone();
     let task = tokio::spawn(async move { rt.run(s).await.unwrap() });
 
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", tansu.bootstrap())
-        .create()
-        .unwrap();
-    for key in ["a", "b", "c", "d"] {
-        let id = uuid::Uuid::now_v7().to_string();
-        let headers = rdkafka::message::OwnedHeaders::new().insert(rdkafka::message::Header {
-            key: "event_id",
-            value: Some(id.as_bytes()),
-        });
-        producer
-            .send(
-                FutureRecord::to("orders")
-                    .key(key)
-                    .payload("x")
-                    .headers(headers),
-                Duration::from_secs(10),
-            )
-            .await
-            .unwrap();
-    }
+    produce_events(&tansu.bootstrap(), "orders", &["a", "b", "c", "d"]).await;
     // On a timeout, say how far the member got: restarts, partitions, events handled.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     while metrics.processed.get() != 4 {
