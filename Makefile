@@ -46,9 +46,10 @@ bench-autoscale: setup
 # The chaos soak: the demo stack (two relays in Lease mode on the test bed's control plane, or single mode
 # without it) under a steady order load while a seeded driver kills, pauses and restarts its parts; the
 # ledger line at the end, exit 1 on a broken guarantee. SEED=N replays a fault schedule; ORDERS=N sizes it.
+# The broker is a three-node Apache Kafka cluster (KAFKA=tansu: tansu behind a proxy).
 ORDERS ?= 100000
 soak: build
-	./target/debug/outbox-soak --orders $(ORDERS) $(if $(SEED),--seed $(SEED))
+	./target/debug/outbox-soak --orders $(ORDERS) $(if $(SEED),--seed $(SEED)) $(if $(KAFKA),--kafka $(KAFKA))
 
 # Fuzzing where outside bytes come in (NewEvent validation, the consumer's record decoding, the demo API's
 # request bodies, custom resource specs): proptest-driven, FUZZ_SECONDS per target (see

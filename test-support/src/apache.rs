@@ -481,6 +481,8 @@ fn server_properties(
          listener.security.protocol.map=PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL,CONTROLLER:PLAINTEXT\n\
          inter.broker.listener.name=PLAINTEXT\n\
          log.dirs={data}\n\
+         default.replication.factor={replicas}\n\
+         min.insync.replicas={min_isr}\n\
          offsets.topic.replication.factor={replicas}\n\
          offsets.topic.num.partitions=10\n\
          transaction.state.log.replication.factor={replicas}\n\

@@ -16,7 +16,7 @@ use test_support::pg::Durability;
 
 use crate::chaos::{Bounds, Fault, Schedule};
 use crate::ledger::{latency_ms, ledger, Ledger};
-use crate::stack::{Options, Stack};
+use crate::stack::{Kafka, Options, Stack};
 
 /// How the two relays share the outbox.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +53,9 @@ pub struct SoakOptions {
     pub settle_timeout: Duration,
     /// Print every process's log lines.
     pub echo: bool,
+    /// The broker: Apache Kafka (three nodes: a broker fault kills or pauses one of them, the long outage
+    /// two) or tansu behind a proxy that cuts every connection.
+    pub kafka: Kafka,
 }
 
 impl Default for SoakOptions {
@@ -72,6 +75,7 @@ impl Default for SoakOptions {
             coordination: Coordination::Auto,
             settle_timeout: Duration::from_secs(240),
             echo: false,
+            kafka: Kafka::Apache(3),
         }
     }
 }
@@ -287,14 +291,15 @@ pub async fn run(opts: SoakOptions) -> anyhow::Result<Report> {
         relay_args,
         relay_env,
         durability: Durability::SurvivesServerCrash,
-        broker_outages: true,
+        kafka: opts.kafka,
         extra_env: vec![("DEMO_TOPICS".into(), POISON_TOPIC.into())],
         ..Options::default()
     })
     .await?;
     println!(
-        "soak: seed={} coordination={coordination} orders={} rate={}/s; stack ready after {:.1}s",
+        "soak: seed={} coordination={coordination} broker={:?} orders={} rate={}/s; stack ready after {:.1}s",
         opts.seed,
+        opts.kafka,
         opts.orders,
         opts.rate,
         started.elapsed().as_secs_f64()
@@ -557,6 +562,52 @@ const RELAY_ORDER_VIOLATIONS: &str = "outbox_relay_order_violations_total";
 const POISON_TOPIC: &str = crate::stack::SCRATCH_TOPIC;
 
 /// The fault injector's bookkeeping.
+/// How a broker node is taken down.
+#[derive(Debug, Clone, Copy)]
+enum BrokerFault {
+    /// SIGKILL, then a restart on the same data.
+    Kill,
+    /// SIGSTOP, then SIGCONT: the node's sessions and leases run out while its sockets stay open.
+    Pause,
+}
+
+/// The node a broker fault hits: every other pick the leader of one of the orders topic's partitions
+/// (a leader election under load), else any node (the active controller among them).
+fn broker_victim(cluster: &test_support::apache::KafkaCluster, pick: u32) -> anyhow::Result<usize> {
+    let nodes = cluster.size();
+    if (pick >> 1) & 1 == 0 {
+        let partition = ((pick >> 2) % 6) as i32;
+        if let Ok(leader) =
+            tokio::task::block_in_place(|| cluster.leader(crate::stack::ORDERS_TOPIC, partition))
+        {
+            return Ok(leader);
+        }
+    }
+    Ok((pick >> 2) as usize % nodes + 1)
+}
+
+/// Takes `nodes` down for `hold`, then brings them back.
+async fn broker_down(
+    cluster: &test_support::apache::KafkaCluster,
+    nodes: &[usize],
+    how: BrokerFault,
+    hold: Duration,
+) -> anyhow::Result<()> {
+    tokio::task::block_in_place(|| {
+        nodes.iter().try_for_each(|&n| match how {
+            BrokerFault::Kill => cluster.kill(n),
+            BrokerFault::Pause => cluster.pause(n, true),
+        })
+    })?;
+    tokio::time::sleep(hold).await;
+    tokio::task::block_in_place(|| {
+        nodes.iter().try_for_each(|&n| match how {
+            BrokerFault::Kill => cluster.restart(n),
+            BrokerFault::Pause => cluster.pause(n, false),
+        })
+    })
+}
+
 struct Driver {
     /// `outbox_relay_order_violations_total` of relays killed so far.
     relay_order_violations: u64,
@@ -667,24 +718,51 @@ impl Driver {
                 tokio::task::block_in_place(|| pg.restart_immediate())?;
             }
             Fault::BrokerOutage => {
-                let broker = stack
-                    .broker_outage()
-                    .context("the soak takes its own broker down")?;
-                broker.cut();
-                tokio::time::sleep(hold).await;
-                broker.restore();
+                if let Some(cluster) = stack.apache() {
+                    let node = broker_victim(cluster, pick)?;
+                    let how = if pick & 1 == 0 {
+                        BrokerFault::Kill
+                    } else {
+                        BrokerFault::Pause
+                    };
+                    println!("soak: broker node {node} {how:?} for {hold:?}");
+                    broker_down(cluster, &[node], how, hold).await?;
+                } else {
+                    let broker = stack
+                        .broker_outage()
+                        .context("the soak takes its own broker down")?;
+                    broker.cut();
+                    tokio::time::sleep(hold).await;
+                    broker.restore();
+                }
             }
             Fault::LateCommit => {
                 let api = stack.api.clone();
                 self.late_commit(&api, pick, hold).await?;
             }
             Fault::LongBrokerOutage => {
-                let broker = stack
-                    .broker_outage()
-                    .context("the soak takes its own broker down")?;
-                broker.cut();
-                tokio::time::sleep(crate::chaos::LONG_OUTAGE).await;
-                broker.restore();
+                if let Some(cluster) = stack.apache() {
+                    // Two of three down: too few in-sync replicas (and no controller quorum), so no
+                    // write is acknowledged until they return.
+                    let first = broker_victim(cluster, pick)?;
+                    let nodes = cluster.size();
+                    let down: Vec<usize> = (0..nodes.min(2))
+                        .map(|i| (first - 1 + i) % nodes + 1)
+                        .collect();
+                    println!(
+                        "soak: broker nodes {down:?} killed for {:?}",
+                        crate::chaos::LONG_OUTAGE
+                    );
+                    broker_down(cluster, &down, BrokerFault::Kill, crate::chaos::LONG_OUTAGE)
+                        .await?;
+                } else {
+                    let broker = stack
+                        .broker_outage()
+                        .context("the soak takes its own broker down")?;
+                    broker.cut();
+                    tokio::time::sleep(crate::chaos::LONG_OUTAGE).await;
+                    broker.restore();
+                }
             }
             Fault::PoisonRedriveDiscard => self.poison(stack, pick).await?,
             Fault::ApiCrashAfterCommit => {

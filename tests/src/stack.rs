@@ -9,14 +9,29 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::ClientConfig;
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
+use test_support::apache::KafkaCluster;
 use test_support::kafka::{mock_cluster, Mock, ProxiedTansu};
 
-/// The in-process broker of a stack.
+/// The broker a stack started itself.
 enum Broker {
     // Held so the cluster lives as long as the stack.
     #[allow(dead_code)]
     Mock(Mock),
     Proxied(ProxiedTansu),
+    Apache(Box<KafkaCluster>),
+}
+
+/// Which broker a stack starts when it is not given one ([`Options::kafka_bootstrap`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kafka {
+    /// librdkafka's mock cluster, in process.
+    #[default]
+    Mock,
+    /// tansu behind a proxy that can cut every connection ([`Stack::broker_outage`]).
+    ProxiedTansu,
+    /// An Apache Kafka cluster of this many KRaft nodes ([`Stack::apache`]); topics get replication factor
+    /// min(nodes, 3), and with three nodes `min.insync.replicas=2`.
+    Apache(usize),
 }
 use test_support::pg::{Durability, PgServer};
 
@@ -63,9 +78,8 @@ pub struct Options {
     pub relay_env: Vec<(String, String)>,
     /// Durability of the throwaway PostgreSQL server.
     pub durability: Durability,
-    /// Run tansu behind a proxy that can cut every connection ([`Stack::broker_outage`]) instead of the
-    /// mock cluster.
-    pub broker_outages: bool,
+    /// The broker to start (without [`Options::kafka_bootstrap`]).
+    pub kafka: Kafka,
 }
 
 impl Default for Options {
@@ -86,7 +100,7 @@ impl Default for Options {
             relay_args: Vec::new(),
             relay_env: Vec::new(),
             durability: Durability::Throwaway,
-            broker_outages: false,
+            kafka: Kafka::Mock,
         }
     }
 }
@@ -139,18 +153,36 @@ impl Stack {
             ("orders.dlq", 1),
             (SCRATCH_TOPIC, 1),
         ];
-        let (mock, bootstrap) = match &opts.kafka_bootstrap {
-            Some(b) => {
-                create_topics(b, &opts.kafka_admin_config, &topics).await?;
+        let (mock, bootstrap) = match (&opts.kafka_bootstrap, opts.kafka) {
+            (Some(b), _) => {
+                create_topics(b, &opts.kafka_admin_config, &topics, 1).await?;
                 (None, b.clone())
             }
-            None if opts.broker_outages => {
+            (None, Kafka::ProxiedTansu) => {
                 let broker = tokio::task::spawn_blocking(ProxiedTansu::start).await??;
                 let b = broker.bootstrap_servers();
-                create_topics(&b, &opts.kafka_admin_config, &topics).await?;
+                create_topics(&b, &opts.kafka_admin_config, &topics, 1).await?;
                 (Some(Broker::Proxied(broker)), b)
             }
-            None => {
+            (None, Kafka::Apache(nodes)) => {
+                let cluster = tokio::task::spawn_blocking(move || {
+                    KafkaCluster::start(&test_support::apache::Options {
+                        nodes,
+                        ..Default::default()
+                    })
+                })
+                .await??;
+                println!(
+                    "stack: Apache Kafka ({nodes} node{}) ready in {:.1?}",
+                    if nodes == 1 { "" } else { "s" },
+                    cluster.started_in()
+                );
+                let b = cluster.bootstrap();
+                let replication = nodes.min(3) as i32;
+                create_topics(&b, &opts.kafka_admin_config, &topics, replication).await?;
+                (Some(Broker::Apache(Box::new(cluster))), b)
+            }
+            (None, Kafka::Mock) => {
                 let mock = mock_cluster(1, &topics);
                 let b = mock.bootstrap_servers();
                 (Some(Broker::Mock(mock)), b)
@@ -279,10 +311,18 @@ impl Stack {
         self._pg.as_ref()
     }
 
-    /// The broker behind its proxy, to take it down and up (only with [`Options::broker_outages`]).
+    /// The broker behind its proxy, to take it down and up (only with [`Kafka::ProxiedTansu`]).
     pub fn broker_outage(&self) -> Option<&ProxiedTansu> {
         match &self._mock {
             Some(Broker::Proxied(m)) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// The Apache Kafka cluster, to kill, pause and restart its nodes (only with [`Kafka::Apache`]).
+    pub fn apache(&self) -> Option<&KafkaCluster> {
+        match &self._mock {
+            Some(Broker::Apache(c)) => Some(c),
             _ => None,
         }
     }
@@ -483,6 +523,7 @@ async fn create_topics(
     bootstrap: &str,
     config: &[(String, String)],
     topics: &[(&str, i32)],
+    replication: i32,
 ) -> anyhow::Result<()> {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap);
@@ -492,7 +533,7 @@ async fn create_topics(
     let admin: AdminClient<DefaultClientContext> = c.create()?;
     let new: Vec<NewTopic<'_>> = topics
         .iter()
-        .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(1)))
+        .map(|(n, p)| NewTopic::new(n, *p, TopicReplication::Fixed(replication)))
         .collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     for r in admin.create_topics(&new, &opts).await? {

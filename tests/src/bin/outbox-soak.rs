@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use e2e::chaos::Bounds;
 use e2e::soak::{run, Coordination, SoakOptions};
+use e2e::stack::Kafka;
 
 /// The demo stack under a steady order load while a seeded driver kills, pauses and restarts its parts.
 #[derive(Debug, Parser)]
@@ -35,6 +36,18 @@ struct Cli {
     /// Print every process's log lines.
     #[arg(long)]
     echo: bool,
+    /// The broker: Apache Kafka (`make setup` caches it) or tansu behind a proxy.
+    #[arg(long, value_enum, default_value = "apache")]
+    kafka: Broker,
+    /// Apache Kafka nodes (1 or 3).
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u8).range(1..=3))]
+    brokers: u8,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Broker {
+    Apache,
+    Tansu,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -67,6 +80,10 @@ fn main() -> ExitCode {
             Mode::Single => Coordination::Single,
         },
         echo: cli.echo,
+        kafka: match cli.kafka {
+            Broker::Apache => Kafka::Apache(usize::from(cli.brokers)),
+            Broker::Tansu => Kafka::ProxiedTansu,
+        },
         ..SoakOptions::default()
     };
     println!("soak: seed={seed} (rerun with --seed {seed} to replay this fault schedule)");
